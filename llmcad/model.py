@@ -1,0 +1,152 @@
+"""The Llama/Qwen2 transformer over a preallocated KV cache.
+
+One forward pass takes token ids, their explicit rotary positions, the cache slot where
+their keys and values go, and (optionally) an explicit attention mask over the cache. That
+is all a token tree needs: its nodes sit in consecutive slots, each at position
+`prefix + depth`, each attending to the committed prefix and to its own ancestors.
+
+Batch size is always 1; tensors carry no batch dimension.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from llmcad.config import ModelConfig
+
+
+class KVCache:
+    """Keys and values for every layer, preallocated for `max_len` slots."""
+
+    def __init__(self, config: ModelConfig, max_len: int, dtype: torch.dtype = torch.float32):
+        shape = (config.num_layers, config.num_kv_heads, max_len, config.head_dim)
+        self.k = torch.zeros(shape, dtype=dtype)
+        self.v = torch.zeros(shape, dtype=dtype)
+        self.max_len = max_len
+
+    @property
+    def nbytes(self) -> int:
+        return self.k.nbytes + self.v.nbytes
+
+    def move(self, src: torch.Tensor, dst_start: int) -> None:
+        """Copy the entries at slots `src` to slots `dst_start, dst_start + 1, ...` in place.
+
+        Committing an accepted path of a token tree is one such call.
+        """
+        dst = slice(dst_start, dst_start + len(src))
+        self.k[:, :, dst] = self.k[:, :, src]
+        self.v[:, :, dst] = self.v[:, :, src]
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding in the half-split (GPT-NeoX / Hugging Face) layout. x: [T, heads, dim]."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim), requires_grad=False)
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return rms_norm(x, self.weight, self.eps)
+
+
+class Attention(nn.Module):
+    def __init__(self, c: ModelConfig):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = c.num_heads, c.num_kv_heads, c.head_dim
+        self.q_proj = nn.Linear(c.hidden_size, c.num_heads * c.head_dim, bias=c.attention_bias)
+        self.k_proj = nn.Linear(c.hidden_size, c.num_kv_heads * c.head_dim, bias=c.attention_bias)
+        self.v_proj = nn.Linear(c.hidden_size, c.num_kv_heads * c.head_dim, bias=c.attention_bias)
+        self.o_proj = nn.Linear(c.num_heads * c.head_dim, c.hidden_size, bias=False)
+
+    def forward(self, x, cos, sin, k_cache, v_cache, start: int, mask: torch.Tensor | None):
+        n = x.shape[0]
+        q = rotate(self.q_proj(x).view(n, self.num_heads, self.head_dim), cos, sin)
+        k = rotate(self.k_proj(x).view(n, self.num_kv_heads, self.head_dim), cos, sin)
+        v = self.v_proj(x).view(n, self.num_kv_heads, self.head_dim)
+        end = start + n
+        k_cache[:, start:end] = k.transpose(0, 1)
+        v_cache[:, start:end] = v.transpose(0, 1)
+        out = F.scaled_dot_product_attention(
+            q.transpose(0, 1), k_cache[:, :end], v_cache[:, :end], attn_mask=mask, enable_gqa=True
+        )
+        return self.o_proj(out.transpose(0, 1).reshape(n, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, c: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(c.intermediate_size, c.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, c: ModelConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.self_attn = Attention(c)
+        self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.mlp = MLP(c)
+
+    def forward(self, x, cos, sin, k_cache, v_cache, start: int, mask):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, k_cache, v_cache, start, mask)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Transformer(nn.Module):
+    """Parameter names follow Hugging Face's, without the leading `model.`."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(Block(config) for _ in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.register_buffer("inv_freq", config.rope_inv_freq(), persistent=False)
+
+    @torch.inference_mode()
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        positions: torch.Tensor,
+        cache: KVCache,
+        start: int,
+        mask: torch.Tensor | None = None,
+        last_only: bool = False,
+    ) -> torch.Tensor:
+        """Run `tokens` ([T] ids at rotary `positions`) whose keys/values go to cache slots
+        `start .. start+T`, and return logits ([T, vocab], or [1, vocab] if `last_only`).
+
+        `mask` ([T, start+T] bool, True = may attend) defaults to causal attention over
+        all earlier slots.
+        """
+        n = tokens.shape[0]
+        if start + n > cache.max_len:
+            raise ValueError(f"KV cache holds {cache.max_len} slots; asked for {start + n}")
+        if mask is None and n > 1:
+            mask = torch.ones(n, start + n, dtype=torch.bool).tril(start)
+        angles = positions.to(torch.float32)[:, None] * self.inv_freq[None, :]
+        angles = torch.cat((angles, angles), dim=-1)[:, None, :]  # [T, 1, head_dim]
+        cos, sin = angles.cos(), angles.sin()
+        x = self.embed_tokens(tokens)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, cache.k[i], cache.v[i], start, mask)
+        if last_only:
+            x = x[-1:]
+        return self.lm_head(self.norm(x))

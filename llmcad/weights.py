@@ -1,0 +1,228 @@
+"""Reading checkpoints: a Hugging Face folder (config.json + safetensors) or a GGUF file.
+
+Both present their tensors under Hugging Face names (without the leading `model.`) in
+fp32, one at a time, so a model is built tensor by tensor in its compute precision without
+ever holding a second full copy.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from llmcad.config import ModelConfig
+from llmcad.errors import LlmcadError
+from llmcad.model import Transformer
+from llmcad.quant import PRECISIONS, to_precision
+from llmcad.tokenizer import Tokenizer
+
+GGUF_NAMES = {
+    "token_embd": "embed_tokens",
+    "output_norm": "norm",
+    "output": "lm_head",
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+IGNORED_HF_TENSORS = ("rotary_emb.inv_freq",)
+
+
+@dataclass
+class Checkpoint:
+    """A model on disk: its config, tokenizer and tensors, read lazily."""
+
+    path: Path
+    format: str  # "hf" | "gguf"
+    config: ModelConfig
+    file_bytes: int
+
+    def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        return _gguf_tensors(self) if self.format == "gguf" else _hf_tensors(self.path)
+
+    @cached_property
+    def tokenizer(self) -> Tokenizer:
+        if self.format == "gguf":
+            return Tokenizer.from_gguf(_gguf_reader(self.path), self.path)
+        return Tokenizer.from_hf_folder(self.path)
+
+
+def open_checkpoint(path: str | Path) -> Checkpoint:
+    path = Path(path)
+    if path.is_dir():
+        return _open_hf(path)
+    if path.is_file():
+        return _open_gguf(path)
+    raise LlmcadError(f"{path}: no such file or folder")
+
+
+def load_model(ckpt: Checkpoint, precision: str = "fp32") -> Transformer:
+    """Build the model, converting each tensor to `precision` as soon as its module is complete."""
+    if precision not in PRECISIONS:
+        raise LlmcadError(f"unknown precision {precision!r} (choose from {', '.join(PRECISIONS)})")
+    config = ckpt.config
+    with torch.device("meta"):
+        model = Transformer(config)
+    model.inv_freq = config.rope_inv_freq()
+    for name, tensor in ckpt.tensors():
+        if name.endswith(IGNORED_HF_TENSORS):
+            continue
+        targets = [name]
+        if name == "embed_tokens.weight" and config.tie_word_embeddings:
+            targets.append("lm_head.weight")
+        for target in targets:
+            _assign(model, target, tensor, precision, ckpt.path)
+    missing = [n for n, p in model.named_parameters() if p.is_meta]
+    missing += [f"{n} (int8)" for n, m in model.named_modules() if _is_incomplete(m)]
+    if missing:
+        raise LlmcadError(f"{ckpt.path}: missing tensors: {', '.join(missing[:5])}" + (" ..." if len(missing) > 5 else ""))
+    return model.eval()
+
+
+def _assign(model: Transformer, name: str, tensor: torch.Tensor, precision: str, source: Path) -> None:
+    module_name, _, attr = name.rpartition(".")
+    try:
+        module = model.get_submodule(module_name)
+        expected = getattr(module, attr)
+    except AttributeError:
+        raise LlmcadError(f"{source}: unexpected tensor {name!r}") from None
+    if not isinstance(expected, torch.Tensor) or tuple(expected.shape) != tuple(tensor.shape):
+        shape = tuple(getattr(expected, "shape", ()))
+        raise LlmcadError(f"{source}: tensor {name!r} has shape {tuple(tensor.shape)}, expected {shape}")
+    setattr(module, attr, nn.Parameter(tensor, requires_grad=False))
+    if not _is_incomplete(module):
+        converted = to_precision(module, precision)
+        if converted is not module:
+            parent_name, _, child = module_name.rpartition(".")
+            setattr(model.get_submodule(parent_name), child, converted)
+
+
+def _is_incomplete(module: nn.Module) -> bool:
+    return any(p.is_meta for p in module.parameters(recurse=False))
+
+
+# ---- Hugging Face folders -------------------------------------------------------------
+
+
+def _open_hf(folder: Path) -> Checkpoint:
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        raise LlmcadError(f"{config_path}: missing (a Hugging Face model folder needs config.json)")
+    try:
+        raw = json.loads(config_path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise LlmcadError(f"{config_path}: not valid JSON ({e})") from None
+    files = _safetensors_files(folder)
+    config = ModelConfig.from_hf(raw, str(config_path))
+    return Checkpoint(folder, "hf", config, sum(f.stat().st_size for f in files))
+
+
+def _safetensors_files(folder: Path) -> list[Path]:
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (OSError, json.JSONDecodeError, KeyError) as e:
+            raise LlmcadError(f"{index}: unreadable index ({e})") from None
+        files = [folder / n for n in names]
+    else:
+        files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise LlmcadError(f"{folder}: no *.safetensors weights in the folder")
+    for f in files:
+        if not f.is_file():
+            raise LlmcadError(f"{f}: missing (listed in {index.name})")
+    return files
+
+
+def _hf_tensors(folder: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    from safetensors import SafetensorError, safe_open
+
+    for file in _safetensors_files(folder):
+        try:
+            with safe_open(file, framework="pt") as f:
+                for key in f.keys():
+                    name = key.removeprefix("model.")
+                    yield name, f.get_tensor(key).to(torch.float32)
+        except (SafetensorError, OSError, RuntimeError) as e:
+            raise LlmcadError(f"{file}: unreadable safetensors file ({e})") from None
+
+
+# ---- GGUF files -------------------------------------------------------------------------
+
+
+def _gguf_reader(path: Path):
+    import gguf
+
+    try:
+        return gguf.GGUFReader(path)
+    except Exception as e:  # the reader raises ValueError, struct/numpy errors on bad files
+        raise LlmcadError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from None
+
+
+def _open_gguf(path: Path) -> Checkpoint:
+    reader = _gguf_reader(path)
+    fields = {}
+    for key, field in reader.fields.items():
+        if key.startswith("tokenizer.ggml.") and key != "tokenizer.ggml.model":
+            continue
+        fields[key] = field.contents()
+    if "general.architecture" in fields and not fields.get(f"{fields['general.architecture']}.vocab_size"):
+        tokens = reader.fields.get("tokenizer.ggml.tokens")
+        fields[f"{fields['general.architecture']}.vocab_size"] = len(tokens.data) if tokens else 0
+    names = {t.name for t in reader.tensors}
+    config = ModelConfig.from_gguf(fields, str(path), tie_word_embeddings="output.weight" not in names)
+    if "rope_freqs.weight" in names:
+        factors = next(t for t in reader.tensors if t.name == "rope_freqs.weight")
+        config = _with_freq_factors(config, np.asarray(factors.data, dtype=np.float32).tolist())
+    size = path.stat().st_size
+    for t in reader.tensors:
+        if t.data_offset + t.n_bytes > size:
+            raise LlmcadError(f"{path}: truncated GGUF (tensor {t.name} ends past the end of the file)")
+    return Checkpoint(path, "gguf", config, size)
+
+
+def _with_freq_factors(config: ModelConfig, factors: list[float]) -> ModelConfig:
+    return replace(config, rope_scaling={"rope_type": "freq_factors", "factors": factors})
+
+
+def _gguf_tensors(ckpt: Checkpoint) -> Iterator[tuple[str, torch.Tensor]]:
+    from gguf.quants import dequantize
+
+    config = ckpt.config
+    for t in _gguf_reader(ckpt.path).tensors:
+        if t.name == "rope_freqs.weight":
+            continue
+        parts = t.name.split(".")
+        if parts[0] == "blk":
+            name = f"layers.{parts[1]}.{GGUF_NAMES.get(parts[2], parts[2])}.{parts[3]}"
+        else:
+            name = f"{GGUF_NAMES.get(parts[0], parts[0])}.{parts[1]}"
+        try:
+            array = dequantize(t.data, t.tensor_type)
+        except NotImplementedError:
+            raise LlmcadError(f"{ckpt.path}: tensor {t.name} has unsupported type {t.tensor_type.name}") from None
+        shape = tuple(int(d) for d in reversed(t.shape))
+        tensor = torch.from_numpy(np.array(array, dtype=np.float32).reshape(shape))
+        if config.arch == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
+            heads = config.num_heads if "q_proj" in name else config.num_kv_heads
+            tensor = _unpermute_rope(tensor, heads)
+        yield name, tensor
+
+
+def _unpermute_rope(w: torch.Tensor, heads: int) -> torch.Tensor:
+    """llama.cpp stores Llama's q/k rows with rotary pairs interleaved; restore the HF layout."""
+    rows, cols = w.shape
+    return w.view(heads, rows // heads // 2, 2, cols).transpose(1, 2).reshape(rows, cols)

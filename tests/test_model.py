@@ -1,0 +1,154 @@
+"""The model runtime against Hugging Face transformers, on tiny random models (fp32)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from llmcad.model import KVCache
+from llmcad.weights import load_model, open_checkpoint
+from conftest import make_tiny_hf, write_gguf
+
+TOL = 1e-4
+
+
+def hf_logits(folder, ids: list[int], gguf_file: str | None = None) -> torch.Tensor:
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, torch_dtype=torch.float32)
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0]
+
+
+def run(model, ids: list[int], chunks: list[int], max_len: int = 64) -> torch.Tensor:
+    """Our logits for `ids`, fed through the KV cache in chunks of the given sizes."""
+    cache = KVCache(model.config, max_len)
+    out, start = [], 0
+    for size in chunks:
+        tokens = torch.tensor(ids[start : start + size])
+        out.append(model(tokens, torch.arange(start, start + size), cache, start))
+        start += size
+    return torch.cat(out)
+
+
+def prompt(vocab: int, n: int = 12, seed: int = 1) -> list[int]:
+    return torch.randint(0, vocab, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def test_prefill_and_decode_match_transformers(tiny_model):
+    ckpt = open_checkpoint(tiny_model)
+    model = load_model(ckpt, "fp32")
+    ids = prompt(ckpt.config.vocab_size)
+    expected = hf_logits(tiny_model, ids)
+    assert expected.abs().max() > 1.0  # the comparison is not between near-zero logits
+    torch.testing.assert_close(run(model, ids, [len(ids)]), expected, atol=TOL, rtol=0)  # no cache reuse
+    torch.testing.assert_close(run(model, ids, [5] + [1] * 7), expected, atol=TOL, rtol=0)  # step decode
+    torch.testing.assert_close(run(model, ids, [4, 3, 5]), expected, atol=TOL, rtol=0)  # chunked prefill
+
+
+def test_step_decode_matches_transformers_cache(tiny_llama):
+    """transformers' own incremental decoding (with its KV cache) agrees with ours."""
+    import transformers
+
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tiny_llama, torch_dtype=torch.float32)
+    model = load_model(open_checkpoint(tiny_llama))
+    ids = prompt(model.config.vocab_size, 6)
+    with torch.no_grad():
+        out = hf(torch.tensor([ids]), use_cache=True)
+        past, steps = out.past_key_values, [out.logits[0]]
+        for t in [3, 7, 11]:
+            out = hf(torch.tensor([[t]]), past_key_values=past, use_cache=True)
+            past = out.past_key_values
+            steps.append(out.logits[0])
+    torch.testing.assert_close(run(model, ids + [3, 7, 11], [6, 1, 1, 1]), torch.cat(steps), atol=TOL, rtol=0)
+
+
+def test_llama3_rope_scaling_matches_transformers(tmp_path):
+    scaling = {
+        "rope_type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 64,
+    }
+    folder = make_tiny_hf(tmp_path / "m", "llama", rope_scaling=scaling, rope_theta=500000.0)
+    model = load_model(open_checkpoint(folder))
+    assert model.config.rope_scaling["rope_type"] == "llama3"
+    ids = prompt(model.config.vocab_size, 40)
+    torch.testing.assert_close(run(model, ids, [40], 80), hf_logits(folder, ids), atol=TOL, rtol=0)
+
+
+def test_explicit_positions_and_mask_run_a_tree():
+    """Two branches after a shared prefix, run in one pass with a tree mask, equal running
+    each branch as a plain sequence; KVCache.move then commits one branch."""
+    from llmcad.config import ModelConfig
+    from llmcad.model import Transformer
+
+    config = ModelConfig("llama", 50, 32, 48, 2, 4, 2, 8, 1e-5, 10000.0, 128, False, False)
+    torch.manual_seed(0)
+    model = Transformer(config)
+    for p in model.parameters():
+        torch.nn.init.normal_(p, 0, 0.3)
+    prefix, a, b = [1, 2, 3], [4, 5], [6, 7]
+    cache = KVCache(config, 32)
+    model(torch.tensor(prefix), torch.arange(3), cache, 0)
+    # slots 3..6 hold a0 a1 b0 b1; a1 sees a0, b1 sees b0
+    tree = torch.tensor(a + b)
+    positions = torch.tensor([3, 4, 3, 4])
+    mask = torch.zeros(4, 7, dtype=torch.bool)
+    mask[:, :3] = True
+    for node, ancestors in {0: [0], 1: [0, 1], 2: [2], 3: [2, 3]}.items():
+        mask[node, [3 + i for i in ancestors]] = True
+    tree_logits = model(tree, positions, cache, 3, mask)
+    for branch, rows in ((a, [0, 1]), (b, [2, 3])):
+        linear = run(model, prefix + branch, [5], 32)[3:]
+        torch.testing.assert_close(tree_logits[rows], linear, atol=1e-5, rtol=0)
+    cache.move(torch.tensor([5, 6]), 3)  # keep branch b
+    step = model(torch.tensor([9]), torch.tensor([5]), cache, 5)
+    torch.testing.assert_close(step, run(model, prefix + b + [9], [6], 32)[-1:], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_gguf_matches_transformers(tmp_path, arch):
+    """A tiny GGUF with F32, F16 and quantized (Q8_0, Q4_0, Q5_0) tensors loads like
+    transformers loads it (the same dequantized weights, llama's q/k permutation undone)."""
+    folder = make_tiny_hf(tmp_path / "hf", arch)
+    gguf_path = write_gguf(folder, tmp_path / "hf" / "tiny.gguf", {"ffn_up": "Q8_0", "ffn_gate": "Q4_0", "attn_output": "Q5_0", "token_embd": "F32"})
+    ckpt = open_checkpoint(gguf_path)
+    reference = open_checkpoint(folder).config
+    assert ckpt.format == "gguf"
+    for key in ("arch", "vocab_size", "num_layers", "num_kv_heads", "head_dim", "tie_word_embeddings"):
+        assert getattr(ckpt.config, key) == getattr(reference, key)
+    model = load_model(ckpt)
+    ids = prompt(ckpt.config.vocab_size)
+    expected = hf_logits(tmp_path / "hf", ids, gguf_file="tiny.gguf")
+    torch.testing.assert_close(run(model, ids, [7, 1, 1, 1, 1, 1]), expected, atol=TOL, rtol=0)
+    # quantization really happened: the GGUF model differs from the fp32 original
+    assert (expected - hf_logits(folder, ids)).abs().max() > 1e-3
+
+
+def test_int8_linear_and_embedding_match_fp32():
+    from llmcad.quant import Int8Embedding, Int8Linear
+
+    torch.manual_seed(0)
+    weight, bias = torch.randn(300, 200), torch.randn(300)
+    x = torch.randn(5, 200)
+    ref = torch.nn.functional.linear(x, weight, bias)
+    out = Int8Linear(weight, bias)(x)
+    assert out.shape == ref.shape
+    assert (out - ref).norm() / ref.norm() < 0.02
+    ids = torch.tensor([0, 7, 299])
+    emb = Int8Embedding(weight)(ids)
+    assert ((emb - weight[ids]).abs() <= weight[ids].abs().amax(1, keepdim=True) / 254 + 1e-6).all()
+
+
+def test_int8_model_is_close_to_fp32(tiny_model):
+    """A whole tiny random model in int8 stays near fp32 (its random activations are
+    harsher on 8-bit quantization than a trained model's; the real-model figures are in
+    bench/resident.py)."""
+    ckpt = open_checkpoint(tiny_model)
+    ids = prompt(ckpt.config.vocab_size, 16)
+    ref = run(load_model(ckpt, "fp32"), ids, [16])
+    q = run(load_model(ckpt, "int8"), ids, [10] + [1] * 6)
+    assert (q - ref).norm() / ref.norm() < 0.1
+    assert (q.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.75
