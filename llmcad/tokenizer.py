@@ -15,7 +15,6 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any, NoReturn
 
-import gguf
 import jinja2
 from jinja2.ext import loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
@@ -23,10 +22,17 @@ from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tok
 from tokenizers import Tokenizer as Backend
 
 from llmcad.errors import LlmcadError
+from llmcad.gguf_file import GGUFFile
 
 # llama.cpp's token types (tokenizer.ggml.token_type).
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED = 1, 2, 3, 4
 SPECIAL = (UNKNOWN, CONTROL)
+# Control tokens that end a turn or a document in the common families. GGUF metadata names
+# one EOS; a chat model also ends plain completions with its end-of-text token (Qwen2's
+# <|endoftext|> beside <|im_end|>). llama.cpp stops on the same names.
+END_OF_GENERATION = frozenset(
+    ("<|endoftext|>", "<|im_end|>", "<|eot_id|>", "<|end_of_text|>", "<|eom_id|>", "<|end|>", "</s>", "<end_of_turn>")
+)
 
 _LLAMA3_SPLIT = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
@@ -196,9 +202,10 @@ class Tokenizer:
         )
 
     @classmethod
-    def from_gguf(cls, reader: gguf.GGUFReader, path: Path) -> Tokenizer:
-        """Rebuild the tokenizer that `reader`'s metadata describes; `path` names the file in errors."""
-        meta = _Metadata(reader, path)
+    def from_gguf(cls, file: GGUFFile) -> Tokenizer:
+        """Rebuild the tokenizer that a GGUF file's metadata describes."""
+        path = file.path
+        meta = _Metadata(file.fields, path)
         kind = meta.get("tokenizer.ggml.model")
         if kind not in ("gpt2", "llama"):
             raise LlmcadError(f"{path}: unsupported tokenizer.ggml.model '{kind}' (supported: gpt2, llama)")
@@ -232,7 +239,11 @@ class Tokenizer:
             str(path),
             bos_token_id=bos,
             eos_token_id=eos,
-            extra_eos_token_ids=(meta.token_id("eot_token_id"), meta.token_id("eom_token_id")),
+            extra_eos_token_ids=(
+                meta.token_id("eot_token_id"),
+                meta.token_id("eom_token_id"),
+                *(i for i, (t, k) in enumerate(zip(tokens, types)) if k == CONTROL and t in END_OF_GENERATION),
+            ),
             pad_token_id=meta.token_id("padding_token_id"),
             chat_template=meta.get("tokenizer.chat_template"),
         )
@@ -274,10 +285,10 @@ class StreamDecoder:
 
 
 class _Metadata:
-    """Typed access to a GGUF reader's key-value metadata, with errors naming the file."""
+    """Access to a GGUF file's key-value metadata, with errors naming the file."""
 
-    def __init__(self, reader: gguf.GGUFReader, path: Path):
-        self._fields = reader.fields
+    def __init__(self, fields: dict[str, Any], path: Path):
+        self._fields = fields
         self._path = path
 
     @cached_property
@@ -285,13 +296,7 @@ class _Metadata:
         return self.require("tokenizer.ggml.tokens")
 
     def get(self, key: str, default: Any = None) -> Any:
-        field = self._fields.get(key)
-        if field is None:
-            return default
-        try:
-            return field.contents()
-        except UnicodeDecodeError as e:
-            raise LlmcadError(f"{self._path}: unreadable GGUF metadata {key} ({e})") from e
+        return self._fields.get(key, default)
 
     def require(self, key: str) -> Any:
         value = self.get(key)

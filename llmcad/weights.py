@@ -15,10 +15,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import SafetensorError, safe_open
 from torch import nn
+from tqdm import tqdm
 
 from llmcad.config import ModelConfig
 from llmcad.errors import LlmcadError
+from llmcad.gguf_file import GGUFFile
 from llmcad.model import Transformer
 from llmcad.quant import PRECISIONS, to_precision
 from llmcad.tokenizer import Tokenizer
@@ -45,17 +48,23 @@ class Checkpoint:
     """A model on disk: its config, tokenizer and tensors, read lazily."""
 
     path: Path
-    format: str  # "hf" | "gguf"
     config: ModelConfig
     file_bytes: int
+    tensor_count: int
+    gguf: GGUFFile | None = None  # None for a Hugging Face folder
 
     def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
-        return _gguf_tensors(self) if self.format == "gguf" else _hf_tensors(self.path)
+        """(name, fp32 tensor) pairs, one tensor in memory at a time."""
+        return _gguf_tensors(self) if self.gguf is not None else _hf_tensors(self.path)
+
+    @property
+    def format(self) -> str:
+        return "hf" if self.gguf is None else "gguf"
 
     @cached_property
     def tokenizer(self) -> Tokenizer:
-        if self.format == "gguf":
-            return Tokenizer.from_gguf(_gguf_reader(self.path), self.path)
+        if self.gguf is not None:
+            return Tokenizer.from_gguf(self.gguf)
         return Tokenizer.from_hf_folder(self.path)
 
 
@@ -68,7 +77,7 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
     raise LlmcadError(f"{path}: no such file or folder")
 
 
-def load_model(ckpt: Checkpoint, precision: str = "fp32") -> Transformer:
+def load_model(ckpt: Checkpoint, precision: str = "fp32", progress: bool = False) -> Transformer:
     """Build the model, converting each tensor to `precision` as soon as its module is complete."""
     if precision not in PRECISIONS:
         raise LlmcadError(f"unknown precision {precision!r} (choose from {', '.join(PRECISIONS)})")
@@ -76,7 +85,9 @@ def load_model(ckpt: Checkpoint, precision: str = "fp32") -> Transformer:
     with torch.device("meta"):
         model = Transformer(config)
     model.inv_freq = config.rope_inv_freq()
+    bar = tqdm(total=ckpt.tensor_count, desc=f"loading {ckpt.path.name} ({precision})", unit="tensor", disable=not progress)
     for name, tensor in ckpt.tensors():
+        bar.update()
         if name.endswith(IGNORED_HF_TENSORS):
             continue
         targets = [name]
@@ -84,6 +95,7 @@ def load_model(ckpt: Checkpoint, precision: str = "fp32") -> Transformer:
             targets.append("lm_head.weight")
         for target in targets:
             _assign(model, target, tensor, precision, ckpt.path)
+    bar.close()
     missing = [n for n, p in model.named_parameters() if p.is_meta]
     missing += [f"{n} (int8)" for n, m in model.named_modules() if _is_incomplete(m)]
     if missing:
@@ -126,7 +138,14 @@ def _open_hf(folder: Path) -> Checkpoint:
         raise LlmcadError(f"{config_path}: not valid JSON ({e})") from None
     files = _safetensors_files(folder)
     config = ModelConfig.from_hf(raw, str(config_path))
-    return Checkpoint(folder, "hf", config, sum(f.stat().st_size for f in files))
+    count = 0
+    for file in files:
+        try:
+            with safe_open(file, framework="pt") as f:
+                count += len(f.keys())
+        except (SafetensorError, OSError) as e:
+            raise LlmcadError(f"{file}: unreadable safetensors file ({e})") from None
+    return Checkpoint(folder, config, sum(f.stat().st_size for f in files), count)
 
 
 def _safetensors_files(folder: Path) -> list[Path]:
@@ -148,8 +167,6 @@ def _safetensors_files(folder: Path) -> list[Path]:
 
 
 def _hf_tensors(folder: Path) -> Iterator[tuple[str, torch.Tensor]]:
-    from safetensors import SafetensorError, safe_open
-
     for file in _safetensors_files(folder):
         try:
             with safe_open(file, framework="pt") as f:
@@ -163,35 +180,14 @@ def _hf_tensors(folder: Path) -> Iterator[tuple[str, torch.Tensor]]:
 # ---- GGUF files -------------------------------------------------------------------------
 
 
-def _gguf_reader(path: Path):
-    import gguf
-
-    try:
-        return gguf.GGUFReader(path)
-    except Exception as e:  # the reader raises ValueError, struct/numpy errors on bad files
-        raise LlmcadError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from None
-
-
 def _open_gguf(path: Path) -> Checkpoint:
-    reader = _gguf_reader(path)
-    fields = {}
-    for key, field in reader.fields.items():
-        if key.startswith("tokenizer.ggml.") and key != "tokenizer.ggml.model":
-            continue
-        fields[key] = field.contents()
-    if "general.architecture" in fields and not fields.get(f"{fields['general.architecture']}.vocab_size"):
-        tokens = reader.fields.get("tokenizer.ggml.tokens")
-        fields[f"{fields['general.architecture']}.vocab_size"] = len(tokens.data) if tokens else 0
-    names = {t.name for t in reader.tensors}
-    config = ModelConfig.from_gguf(fields, str(path), tie_word_embeddings="output.weight" not in names)
-    if "rope_freqs.weight" in names:
-        factors = next(t for t in reader.tensors if t.name == "rope_freqs.weight")
-        config = _with_freq_factors(config, np.asarray(factors.data, dtype=np.float32).tolist())
-    size = path.stat().st_size
-    for t in reader.tensors:
-        if t.data_offset + t.n_bytes > size:
-            raise LlmcadError(f"{path}: truncated GGUF (tensor {t.name} ends past the end of the file)")
-    return Checkpoint(path, "gguf", config, size)
+    file = GGUFFile(path)
+    tensors = {t.name: t for t in file.tensors}
+    config = ModelConfig.from_gguf(file.fields, str(path), tie_word_embeddings="output.weight" not in tensors)
+    if "rope_freqs.weight" in tensors:
+        factors = file.dequantize(tensors["rope_freqs.weight"])
+        config = _with_freq_factors(config, factors.tolist())
+    return Checkpoint(path, config, path.stat().st_size, len(file.tensors), file)
 
 
 def _with_freq_factors(config: ModelConfig, factors: list[float]) -> ModelConfig:
@@ -199,10 +195,8 @@ def _with_freq_factors(config: ModelConfig, factors: list[float]) -> ModelConfig
 
 
 def _gguf_tensors(ckpt: Checkpoint) -> Iterator[tuple[str, torch.Tensor]]:
-    from gguf.quants import dequantize
-
     config = ckpt.config
-    for t in _gguf_reader(ckpt.path).tensors:
+    for t in ckpt.gguf.tensors:
         if t.name == "rope_freqs.weight":
             continue
         parts = t.name.split(".")
@@ -210,12 +204,7 @@ def _gguf_tensors(ckpt: Checkpoint) -> Iterator[tuple[str, torch.Tensor]]:
             name = f"layers.{parts[1]}.{GGUF_NAMES.get(parts[2], parts[2])}.{parts[3]}"
         else:
             name = f"{GGUF_NAMES.get(parts[0], parts[0])}.{parts[1]}"
-        try:
-            array = dequantize(t.data, t.tensor_type)
-        except NotImplementedError:
-            raise LlmcadError(f"{ckpt.path}: tensor {t.name} has unsupported type {t.tensor_type.name}") from None
-        shape = tuple(int(d) for d in reversed(t.shape))
-        tensor = torch.from_numpy(np.array(array, dtype=np.float32).reshape(shape))
+        tensor = torch.from_numpy(np.array(ckpt.gguf.dequantize(t)))  # a writable copy
         if config.arch == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
             heads = config.num_heads if "q_proj" in name else config.num_kv_heads
             tensor = _unpermute_rope(tensor, heads)

@@ -14,6 +14,7 @@ from tokenizers import decoders, pre_tokenizers
 from transformers import AutoTokenizer
 
 from llmcad.errors import LlmcadError
+from llmcad.gguf_file import GGUFFile
 from llmcad.tokenizer import FLAVOURS, Tokenizer
 
 PIECES = [
@@ -78,7 +79,7 @@ def write_gguf(path: Path, **metadata) -> Path:
 
 
 def load(path: Path) -> Tokenizer:
-    return Tokenizer.from_gguf(gguf.GGUFReader(path), path)
+    return Tokenizer.from_gguf(GGUFFile(path))
 
 
 def mismatches(ours, theirs, items) -> list:
@@ -125,7 +126,8 @@ def test_gguf_encodes_and_decodes_like_transformers(smol, smol_ref):
 def test_gguf_special_tokens(smol):
     im_start, im_end = smol.token_to_id("<|im_start|>"), smol.token_to_id("<|im_end|>")
     assert (smol.bos_token_id, smol.eos_token_id, smol.pad_token_id) == (im_start, im_end, im_end)
-    assert smol.eos_token_ids == {im_end}
+    # the named EOS plus the family's end-of-text control token (END_OF_GENERATION)
+    assert smol.eos_token_ids == {im_end, smol.token_to_id("<|endoftext|>")}
     assert smol.encode("hi") == smol.encode("hi", add_special_tokens=False)  # add_bos_token is false
     ids = smol.encode("<|im_start|>user\nhi<|im_end|>")
     assert ids[0] == im_start and ids[-1] == im_end

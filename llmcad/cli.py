@@ -1,0 +1,132 @@
+"""The `llmcad` command: generate, info, pull."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from llmcad import hub
+from llmcad.errors import LlmcadError
+from llmcad.quant import PRECISIONS
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except LlmcadError as e:
+        print(f"llmcad: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("\nllmcad: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="llmcad", description="Run LLMs larger than memory, fast and exactly.")
+    commands = parser.add_subparsers(required=True, metavar="COMMAND")
+
+    gen = commands.add_parser("generate", help="generate text from a prompt")
+    gen.add_argument("prompt", metavar="PROMPT", help="the prompt text ('-' reads it from stdin)")
+    gen.add_argument("--target", default=hub.DEFAULT_TARGET, metavar="MODEL", help="GGUF file, HF folder or alias (default: %(default)s)")
+    gen.add_argument("--chat", action="store_true", help="wrap PROMPT in the model's chat template as a user message")
+    gen.add_argument("--max-tokens", type=int, default=256, metavar="N")
+    gen.add_argument("--temperature", type=float, default=0.0, metavar="T", help="0 = greedy (default)")
+    gen.add_argument("--top-k", type=int, default=0, metavar="K")
+    gen.add_argument("--top-p", type=float, default=1.0, metavar="P")
+    gen.add_argument("--seed", type=int, default=None, metavar="S")
+    gen.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop string (repeatable)")
+    gen.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-sequence tokens")
+    gen.add_argument("--precision", choices=PRECISIONS, default="int8", help="compute precision (default: %(default)s)")
+    gen.add_argument("--max-context", type=int, default=4096, metavar="N", help="KV cache size in tokens")
+    gen.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
+    gen.set_defaults(run=_generate)
+
+    info = commands.add_parser("info", help="describe a model")
+    info.add_argument("model", metavar="MODEL", help="GGUF file, HF folder or alias")
+    info.add_argument("--json", action="store_true")
+    info.set_defaults(run=_info)
+
+    pull = commands.add_parser("pull", help="download and verify default models")
+    pull.add_argument("aliases", nargs="*", metavar="ALIAS", help=f"default: {hub.DEFAULT_DRAFT} {hub.DEFAULT_TARGET}")
+    pull.set_defaults(run=_pull)
+    return parser
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from llmcad.engine import Engine
+
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    engine = Engine.load(args.target, precision=args.precision, max_context=args.max_context, progress=not args.json)
+    ids = engine.chat_prompt([{"role": "user", "content": prompt}]) if args.chat else engine.tokenizer.encode(prompt)
+    options = dict(
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+        stop=args.stop,
+        ignore_eos=args.ignore_eos,
+    )
+    if args.json:
+        result = engine.generate(ids, **options)
+        print(json.dumps(result.to_dict(), ensure_ascii=False))
+        return 0
+    for piece in engine.stream(ids, **options):
+        sys.stdout.write(piece.text)
+        sys.stdout.flush()
+    s = piece.stats
+    print(
+        f"\n\n[{engine.name}, {engine.precision}] prompt: {s.prompt_tokens} tokens, {s.prefill_tokens_per_s:.1f} tok/s"
+        f" | generated: {s.new_tokens} tokens, {s.decode_tokens_per_s:.2f} tok/s"
+        f" | finish: {piece.finish_reason} | peak RSS: {s.peak_rss_mb:.0f} MB",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def _info(args: argparse.Namespace) -> int:
+    from llmcad.weights import open_checkpoint
+
+    ckpt = open_checkpoint(hub.resolve_model(args.model))
+    c, tok = ckpt.config, ckpt.tokenizer
+    facts = {
+        "path": str(ckpt.path),
+        "format": ckpt.format,
+        "architecture": c.arch,
+        "parameters": c.num_parameters(),
+        "layers": c.num_layers,
+        "hidden_size": c.hidden_size,
+        "heads": c.num_heads,
+        "kv_heads": c.num_kv_heads,
+        "context_length": c.max_position_embeddings,
+        "file_bytes": ckpt.file_bytes,
+        "tensors": ckpt.tensor_count,
+        "tokenizer_vocab": tok.vocab_size,
+        "eos_tokens": [tok.id_to_token(i) for i in sorted(tok.eos_token_ids)],
+        "chat_template": tok.chat_template is not None,
+    }
+    if args.json:
+        print(json.dumps(facts))
+    else:
+        width = max(map(len, facts))
+        for key, value in facts.items():
+            if key == "parameters":
+                value = f"{value / 1e9:.2f}B" if value >= 1e9 else f"{value / 1e6:.1f}M"
+            elif key == "file_bytes":
+                value = f"{value / 1e6:.1f} MB"
+            print(f"{key:<{width}}  {value}")
+    return 0
+
+
+def _pull(args: argparse.Namespace) -> int:
+    for alias in args.aliases or [hub.DEFAULT_DRAFT, hub.DEFAULT_TARGET]:
+        print(hub.pull(alias))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,128 @@
+"""Reading a GGUF file's index: metadata and the tensor table, with tensor data memory-mapped.
+
+The `gguf` package's GGUFReader builds a numpy view per metadata item, which takes 15 s on
+a Qwen2 file (300k vocabulary and merge strings); this reads the same index in well under a
+second. Tensor data is dequantized with the `gguf` package itself.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+from gguf.quants import dequantize
+
+from llmcad.errors import LlmcadError
+
+MAGIC = b"GGUF"
+# metadata value types -> (struct format, numpy dtype) for fixed-size scalars
+SCALARS = {
+    0: ("<B", np.uint8),
+    1: ("<b", np.int8),
+    2: ("<H", np.uint16),
+    3: ("<h", np.int16),
+    4: ("<I", np.uint32),
+    5: ("<i", np.int32),
+    6: ("<f", np.float32),
+    7: ("<?", np.bool_),
+    10: ("<Q", np.uint64),
+    11: ("<q", np.int64),
+    12: ("<d", np.float64),
+}
+STRING, ARRAY = 8, 9
+
+
+@dataclass(frozen=True)
+class GGUFTensor:
+    name: str
+    shape: tuple[int, ...]  # numpy / PyTorch order (GGUF lists dimensions innermost first)
+    type: GGMLQuantizationType
+    offset: int  # absolute, in the file
+    nbytes: int
+
+
+class GGUFFile:
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        try:
+            self._map = np.memmap(self.path, dtype=np.uint8, mode="r")
+        except (OSError, ValueError) as e:
+            raise LlmcadError(f"{self.path}: cannot read ({e})") from None
+        try:
+            self.fields, self.tensors = self._parse(memoryview(self._map))
+        except (struct.error, UnicodeDecodeError, ValueError, KeyError) as e:
+            raise LlmcadError(f"{self.path}: not a readable GGUF file ({type(e).__name__}: {e})") from None
+
+    def _parse(self, buf: memoryview) -> tuple[dict[str, Any], list[GGUFTensor]]:
+        if bytes(buf[:4]) != MAGIC:
+            raise ValueError("bad magic bytes")
+        version, n_tensors, n_fields = struct.unpack_from("<IQQ", buf, 4)
+        if version not in (2, 3):
+            raise ValueError(f"unsupported GGUF version {version}")
+        pos = 24
+        fields: dict[str, Any] = {}
+        for _ in range(n_fields):
+            key, pos = _string(buf, pos)
+            (kind,), pos = struct.unpack_from("<I", buf, pos), pos + 4
+            fields[key], pos = _value(buf, pos, kind)
+        infos = []
+        for _ in range(n_tensors):
+            name, pos = _string(buf, pos)
+            (n_dims,) = struct.unpack_from("<I", buf, pos)
+            dims = struct.unpack_from(f"<{n_dims}Q", buf, pos + 4)
+            kind, offset = struct.unpack_from("<IQ", buf, pos + 4 + 8 * n_dims)
+            pos += 4 + 8 * n_dims + 12
+            infos.append((name, tuple(reversed(dims)), GGMLQuantizationType(kind), offset))
+        alignment = fields.get("general.alignment", 32)
+        data_start = -(-pos // alignment) * alignment
+        tensors = []
+        for name, shape, kind, offset in infos:
+            block, block_bytes = GGML_QUANT_SIZES[kind]
+            nbytes = int(np.prod(shape)) // block * block_bytes
+            start = data_start + offset
+            if start + nbytes > len(buf):
+                raise ValueError(f"truncated: tensor {name} ends past the end of the file")
+            tensors.append(GGUFTensor(name, shape, kind, start, nbytes))
+        return fields, tensors
+
+    def dequantize(self, tensor: GGUFTensor) -> np.ndarray:
+        """The tensor as float32, in its numpy shape."""
+        raw = self._map[tensor.offset : tensor.offset + tensor.nbytes]
+        rows = raw.reshape(-1, tensor.nbytes // max(1, int(np.prod(tensor.shape[:-1]))))
+        try:
+            return np.asarray(dequantize(rows, tensor.type), dtype=np.float32).reshape(tensor.shape)
+        except NotImplementedError:
+            raise LlmcadError(f"{self.path}: tensor {tensor.name} has unsupported type {tensor.type.name}") from None
+
+
+def _string(buf: memoryview, pos: int) -> tuple[str, int]:
+    (n,) = struct.unpack_from("<Q", buf, pos)
+    end = pos + 8 + n
+    if end > len(buf):
+        raise ValueError("truncated metadata")
+    return str(buf[pos + 8 : end], "utf-8"), end
+
+
+def _value(buf: memoryview, pos: int, kind: int) -> tuple[Any, int]:
+    if kind == STRING:
+        return _string(buf, pos)
+    if kind == ARRAY:
+        item_kind, count = struct.unpack_from("<IQ", buf, pos)
+        pos += 12
+        if item_kind in SCALARS:  # numbers: one vectorized read
+            dtype = np.dtype(SCALARS[item_kind][1]).newbyteorder("<")
+            end = pos + count * dtype.itemsize
+            if end > len(buf):
+                raise ValueError("truncated metadata")
+            return np.frombuffer(buf[pos:end], dtype=dtype).tolist(), end
+        items = []
+        for _ in range(count):
+            item, pos = _value(buf, pos, item_kind)
+            items.append(item)
+        return items, pos
+    fmt = SCALARS[kind][0]
+    return struct.unpack_from(fmt, buf, pos)[0], pos + struct.calcsize(fmt)
