@@ -60,7 +60,8 @@ def _generate(args: argparse.Namespace) -> int:
     from llmcad.engine import Engine
 
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
-    engine = Engine.load(args.target, precision=args.precision, max_context=args.max_context, progress=not args.json)
+    progress = not args.json and sys.stderr.isatty()  # bars only on a terminal, never in a log
+    engine = Engine.load(args.target, precision=args.precision, max_context=args.max_context, progress=progress)
     ids = engine.chat_prompt([{"role": "user", "content": prompt}]) if args.chat else engine.tokenizer.encode(prompt)
     options = dict(
         max_tokens=args.max_tokens,
@@ -91,7 +92,7 @@ def _generate(args: argparse.Namespace) -> int:
 def _info(args: argparse.Namespace) -> int:
     from llmcad.weights import open_checkpoint
 
-    ckpt = open_checkpoint(hub.resolve_model(args.model))
+    ckpt = open_checkpoint(hub.resolve_model(args.model, progress=sys.stderr.isatty()))
     c, tok = ckpt.config, ckpt.tokenizer
     facts = {
         "path": str(ckpt.path),
@@ -124,7 +125,7 @@ def _info(args: argparse.Namespace) -> int:
 
 def _pull(args: argparse.Namespace) -> int:
     for alias in args.aliases or [hub.DEFAULT_DRAFT, hub.DEFAULT_TARGET]:
-        print(hub.pull(alias))
+        print(hub.pull(alias, progress=sys.stderr.isatty()))
     return 0
 
 

@@ -54,7 +54,9 @@ class GGUFFile:
             raise LlmcadError(f"{self.path}: cannot read ({e})") from None
         try:
             self.fields, self.tensors = self._parse(memoryview(self._map))
-        except (struct.error, UnicodeDecodeError, ValueError, KeyError) as e:
+        except struct.error as e:  # a read past the end of the buffer
+            raise LlmcadError(f"{self.path}: not a readable GGUF file (truncated or corrupt: {e})") from None
+        except (UnicodeDecodeError, ValueError, KeyError) as e:
             raise LlmcadError(f"{self.path}: not a readable GGUF file ({type(e).__name__}: {e})") from None
 
     def _parse(self, buf: memoryview) -> tuple[dict[str, Any], list[GGUFTensor]]:

@@ -86,16 +86,16 @@ def load_model(ckpt: Checkpoint, precision: str = "fp32", progress: bool = False
         model = Transformer(config)
     model.inv_freq = config.rope_inv_freq()
     bar = tqdm(total=ckpt.tensor_count, desc=f"loading {ckpt.path.name} ({precision})", unit="tensor", disable=not progress)
-    for name, tensor in ckpt.tensors():
-        bar.update()
-        if name.endswith(IGNORED_HF_TENSORS):
-            continue
-        targets = [name]
-        if name == "embed_tokens.weight" and config.tie_word_embeddings:
-            targets.append("lm_head.weight")
-        for target in targets:
-            _assign(model, target, tensor, precision, ckpt.path)
-    bar.close()
+    with bar:  # closed on error too, so an error message starts on a line of its own
+        for name, tensor in ckpt.tensors():
+            bar.update()
+            if name.endswith(IGNORED_HF_TENSORS):
+                continue
+            targets = [name]
+            if name == "embed_tokens.weight" and config.tie_word_embeddings:
+                targets.append("lm_head.weight")
+            for target in targets:
+                _assign(model, target, tensor, precision, ckpt.path)
     missing = [n for n, p in model.named_parameters() if p.is_meta]
     missing += [f"{n} (int8)" for n, m in model.named_modules() if _is_incomplete(m)]
     if missing:
