@@ -44,8 +44,9 @@ import torch
 from tqdm import tqdm
 
 from common import KINDS, RESULTS, load_prompts, machine_info, md_table, median, write_json
-from llmcad import Engine
+from llmcad.engine import Engine
 from llmcad.hub import DEFAULT_TARGET, resolve_model
+from llmcad.weights import open_checkpoint
 
 ENGINES = ("llmcad-int8", "llmcad-fp32", "transformers-fp32", "llama.cpp")
 BASELINE = "transformers-fp32"
@@ -88,19 +89,7 @@ class Transformers:
         )
 
     def run(self, ids: list[int], n: int) -> dict:
-        import transformers
-
-        class Clock(transformers.generation.streamers.BaseStreamer):
-            times: list[float] = []
-
-            def put(self, value):  # first call: the prompt; then one call per new token
-                self.times.append(time.perf_counter())
-
-            def end(self):
-                pass
-
         clock = Clock()
-        clock.times = []
         start = time.perf_counter()
         out = self.model.generate(
             torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long), max_new_tokens=n,
@@ -108,6 +97,19 @@ class Transformers:
         )  # fmt: skip
         t = clock.times
         return {"prefill_s": t[1] - start, "decode_s": t[-1] - t[1], "tokens": out[0, len(ids) :].tolist()}
+
+
+class Clock:
+    """A generate() streamer that only timestamps: put() gets the prompt, then each new token."""
+
+    def __init__(self):
+        self.times: list[float] = []
+
+    def put(self, value) -> None:
+        self.times.append(time.perf_counter())
+
+    def end(self) -> None:
+        pass
 
 
 class LlamaServer:
@@ -199,6 +201,14 @@ def _version(binary: Path) -> str:
 
 
 # ---- the benchmark ----------------------------------------------------------------------------
+
+
+def chat_prompts(prompts: list[dict], engines: dict, path: Path) -> dict[str, list[int]]:
+    """Each prompt's ids in the chat template: Engine.chat_prompt, or the same from the bare tokenizer."""
+    engine = next((e.engine for e in engines.values() if isinstance(e, Llmcad)), None)
+    tok = engine.tokenizer if engine else open_checkpoint(path).tokenizer
+    chat = engine.chat_prompt if engine else lambda m: tok.encode(tok.apply_chat_template(m), add_special_tokens=False)
+    return {q["id"]: chat([{"role": "user", "content": q["prompt"]}]) for q in prompts}
 
 
 def same_prefix(a: list[int] | None, b: list[int] | None) -> int | None:
@@ -369,14 +379,7 @@ def main() -> None:
         if hasattr(e, "version"):
             result["engines"][name]["version"] = e.version
 
-    llmcad_engine = next((e.engine for e in engines.values() if isinstance(e, Llmcad)), None)
-    if llmcad_engine is None:
-        llmcad_engine = Engine.__new__(Engine)  # only its tokenizer is needed for the chat template
-        from llmcad.weights import open_checkpoint
-
-        llmcad_engine.tokenizer = open_checkpoint(path).tokenizer
-    ids_of = {q["id"]: llmcad_engine.chat_prompt([{"role": "user", "content": q["prompt"]}]) for q in prompts}
-
+    ids_of = chat_prompts(prompts, engines, path)
     for e in engines.values():  # warm-up, untimed
         e.run(ids_of[prompts[0]["id"]], min(WARMUP_TOKENS, n))
     try:
