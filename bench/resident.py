@@ -299,6 +299,7 @@ def plot(summary: dict, path: Path, title: str) -> None:
     bars = ax1.bar(list(eng), [s["median_decode_tokens_per_s"] for s in eng.values()], color=[f"C{i}" for i in range(len(eng))])
     labels = [f"{s['median_decode_tokens_per_s']:.2f}" + (f"\n{s['decode_vs_transformers']:.2f}x" if s.get("decode_vs_transformers") else "") for s in eng.values()]
     ax1.bar_label(bars, labels, fontsize=8)
+    ax1.margins(y=0.15)
     ax1.set_ylabel("median decode tokens/s")
     ax1.set_title("all prompts")
     ax1.tick_params(axis="x", labelrotation=20, labelsize=8)

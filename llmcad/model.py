@@ -78,10 +78,19 @@ class Attention(nn.Module):
         end = start + n
         k_cache[:, start:end] = k.transpose(0, 1)
         v_cache[:, start:end] = v.transpose(0, 1)
-        out = F.scaled_dot_product_attention(
-            q.transpose(0, 1), k_cache[:, :end], v_cache[:, :end], attn_mask=mask, enable_gqa=True
-        )
-        return self.o_proj(out.transpose(0, 1).reshape(n, -1))
+        return self.o_proj(self._attend(q, k_cache[:, :end], v_cache[:, :end], mask))
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """Grouped-query attention: the query heads sharing a KV head are stacked as one
+        matrix, so keys and values are never repeated. q: [T, H, D]; k, v: [KV, S, D]."""
+        n, kv, group, dim = q.shape[0], self.num_kv_heads, self.num_heads // self.num_kv_heads, self.head_dim
+        q = q.view(n, kv, group, dim).permute(1, 2, 0, 3).reshape(kv, group * n, dim)
+        scores = (q @ k.transpose(1, 2)).mul_(dim**-0.5).view(kv, group, n, -1)
+        if mask is not None:
+            scores.masked_fill_(~mask, float("-inf"))
+        probs = torch.softmax(scores, dim=-1).view(kv, group * n, -1)
+        out = (probs @ v).view(kv, group, n, dim).permute(2, 0, 1, 3)
+        return out.reshape(n, kv * group * dim)
 
 
 class MLP(nn.Module):

@@ -18,7 +18,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from conftest import make_tiny_hf, write_gguf
+from conftest import write_gguf
 from safetensors import safe_open
 from test_hub import make_wheel
 
@@ -31,85 +31,83 @@ LONG_PROMPT = "The quick brown fox jumps over the lazy dog. " * 4
 SAMPLED = ("--temperature", "0.8", "--seed", "3")
 
 
-@pytest.fixture(scope="session")
-def tiny(tmp_path_factory) -> Path:
-    return make_tiny_hf(tmp_path_factory.mktemp("cli") / "tiny", "llama")
+class Runs:
+    """`llmcad` commands run in the background, a few at a time; `runs[name]` waits for one."""
+
+    def __init__(self, home: Path):
+        self.env = {**os.environ, "LLMCAD_HOME": str(home), "PYTHONIOENCODING": "utf-8"}
+        self.pool = ThreadPoolExecutor(max_workers=3)
+        self.futures: dict[str, Future] = {}
+        self.paths: dict[str, Path] = {}  # the model each error case was given
+
+    def start(self, name: str, *args: str | Path) -> None:
+        cmd = [sys.executable, "-m", "llmcad.cli", *map(str, args)]
+        # stdout and stderr as bytes: the generated text may hold any character
+        self.futures[name] = self.pool.submit(subprocess.run, cmd, capture_output=True, env=self.env, timeout=300)
+
+    def start_bad(self, name: str, path: Path) -> None:
+        self.paths[name] = path
+        self.start(name, "generate", "--target", path, "--max-tokens", "4", PROMPT)
+
+    def __getitem__(self, name: str) -> subprocess.CompletedProcess:
+        return self.futures[name].result()
+
+    def close(self) -> None:
+        self.pool.shutdown(cancel_futures=True)
 
 
 @pytest.fixture(scope="session")
-def tiny_gguf(tiny) -> Path:
-    return write_gguf(tiny, tiny.parent / "tiny.gguf", {})
+def tiny_gguf(tiny_llama, tmp_path_factory) -> Path:
+    return write_gguf(tiny_llama, tmp_path_factory.mktemp("cli-gguf") / "tiny.gguf", {})
 
 
 @pytest.fixture(scope="session")
-def bad(tiny, tiny_gguf) -> dict[str, Path]:
-    """Broken models, next to the good ones."""
-    root = tiny.parent
+def runs(request, tmp_path_factory):
+    """Every command these tests check, started at once: each spends ~3 s importing torch."""
+    root = tmp_path_factory.mktemp("cli")
+    runs = Runs(tmp_path_factory.mktemp("home"))
+    # first the cases that need no model, to run while the tiny model is built
+    runs.start_bad("missing", root / "no-such-model.gguf")
+    (root / "random.gguf").write_bytes(os.urandom(4096))
+    runs.start_bad("not_gguf", root / "random.gguf")
 
-    def copy_of_tiny(name: str) -> Path:
-        return Path(shutil.copytree(tiny, root / name))
+    tiny, gguf = request.getfixturevalue("tiny_llama"), request.getfixturevalue("tiny_gguf")
+    fp32 = ["--precision", "fp32", "--max-tokens", "8"]
+    runs.start("json", "generate", "--target", tiny, "--json", *fp32, PROMPT)
+    runs.start("chat", "generate", "--target", tiny, "--json", "--chat", *fp32, PROMPT)
+    runs.start("sampled", "generate", "--target", tiny, "--json", *fp32, *SAMPLED, PROMPT)
+    runs.start("sampled_again", "generate", "--target", tiny, "--json", *fp32, *SAMPLED, PROMPT)
+    runs.start("stream", "generate", "--target", tiny, *fp32, PROMPT)
+    runs.start("info", "info", tiny)
+    runs.start("info_json", "info", "--json", gguf)
+    runs.start("too_long", "generate", "--target", tiny, "--max-context", "64", "--max-tokens", "60", LONG_PROMPT)
 
-    out = {"missing": root / "no-such-model.gguf"}
+    raw = gguf.read_bytes()
+    (root / "truncated-data.gguf").write_bytes(raw[: len(raw) - 1000])  # inside the last tensors
+    runs.start_bad("truncated_gguf_data", root / "truncated-data.gguf")
+    (root / "truncated-header.gguf").write_bytes(raw[:2000])  # inside the metadata (the vocabulary)
+    runs.start_bad("truncated_gguf_header", root / "truncated-header.gguf")
 
-    out["truncated_safetensors"] = folder = copy_of_tiny("truncated-safetensors")
+    folder = Path(shutil.copytree(tiny, root / "truncated-safetensors"))
     weights = folder / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    runs.start_bad("truncated_safetensors", folder)
 
-    raw = tiny_gguf.read_bytes()
-    out["truncated_gguf_data"] = root / "truncated-data.gguf"
-    out["truncated_gguf_data"].write_bytes(raw[: len(raw) - 1000])  # inside the last tensors
-    out["truncated_gguf_header"] = root / "truncated-header.gguf"
-    out["truncated_gguf_header"].write_bytes(raw[:2000])  # inside the metadata (the vocabulary)
-
-    out["not_gguf"] = root / "random.gguf"
-    out["not_gguf"].write_bytes(os.urandom(4096))
-
-    out["unsupported_arch"] = folder = copy_of_tiny("neox")
+    folder = Path(shutil.copytree(tiny, root / "neox"))
     config = json.loads((folder / "config.json").read_text())
     (folder / "config.json").write_text(json.dumps({**config, "model_type": "gpt_neox"}))
+    runs.start_bad("unsupported_arch", folder)
 
-    out["no_safetensors"] = folder = copy_of_tiny("no-weights")
+    folder = Path(shutil.copytree(tiny, root / "no-weights"))
     (folder / "model.safetensors").unlink()
-    return out
-
-
-def _run(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
-    """`llmcad ARGS`; stdout and stderr as bytes (the text may hold any character)."""
-    return subprocess.run([sys.executable, "-m", "llmcad.cli", *args], capture_output=True, env=env, timeout=300)
+    runs.start_bad("no_safetensors", folder)
+    yield runs
+    runs.close()
 
 
 @pytest.fixture(scope="session")
-def runs(tiny, tiny_gguf, bad, tmp_path_factory):
-    """Every command these tests check, started now; `runs[name]` waits for its result."""
-    env = {**os.environ, "LLMCAD_HOME": str(tmp_path_factory.mktemp("home")), "PYTHONIOENCODING": "utf-8"}
-    t, g = str(tiny), str(tiny_gguf)
-    fp32 = ["--precision", "fp32", "--max-tokens", "8"]
-    commands = {
-        **{name: ["generate", "--target", str(path), "--max-tokens", "4", PROMPT] for name, path in bad.items()},
-        "too_long": ["generate", "--target", t, "--max-context", "64", "--max-tokens", "60", LONG_PROMPT],
-        "json": ["generate", "--target", t, "--json", *fp32, PROMPT],
-        "chat": ["generate", "--target", t, "--json", "--chat", *fp32, PROMPT],
-        "sampled": ["generate", "--target", t, "--json", *fp32, *SAMPLED, PROMPT],
-        "sampled_again": ["generate", "--target", t, "--json", *fp32, *SAMPLED, PROMPT],
-        "stream": ["generate", "--target", t, *fp32, PROMPT],
-        "info": ["info", t],
-        "info_json": ["info", "--json", g],
-    }
-    with ThreadPoolExecutor(max_workers=3) as pool:
-        futures: dict[str, Future] = {name: pool.submit(_run, args, env) for name, args in commands.items()}
-
-        class Runs:
-            def __getitem__(self, name: str) -> subprocess.CompletedProcess:
-                return futures[name].result()
-
-        yield Runs()
-        for f in futures.values():
-            f.cancel()
-
-
-@pytest.fixture(scope="session")
-def engine(tiny) -> Engine:
-    return Engine.load(tiny, precision="fp32", progress=False)
+def engine(tiny_llama) -> Engine:
+    return Engine.load(tiny_llama, precision="fp32", progress=False)
 
 
 def assert_one_line_error(stderr: str, *expected: str) -> str:
@@ -137,11 +135,13 @@ def assert_one_line_error(stderr: str, *expected: str) -> str:
         ("no_safetensors", "no *.safetensors"),
     ],
 )
-def test_bad_model_is_one_line_error(runs, bad, case, problem):
+def test_bad_model_is_one_line_error(runs, case, problem):
     result = runs[case]
     assert result.returncode == 1
     assert result.stdout == b""
-    file = bad[case] / "model.safetensors" if case == "truncated_safetensors" else bad[case]
+    file = runs.paths[case]
+    if case == "truncated_safetensors":
+        file = file / "model.safetensors"
     if case == "unsupported_arch":
         file = file / "config.json"
     assert_one_line_error(result.stderr.decode(), str(file), problem)
@@ -226,31 +226,31 @@ def test_streaming_prints_text_and_stats_on_stderr(runs):
 # ---- info ----------------------------------------------------------------------------------
 
 
-def test_info_text(runs, tiny):
+def test_info_text(runs, tiny_llama):
     result = runs["info"]
     assert result.returncode == 0, result.stderr.decode()
     facts = dict(line.split(None, 1) for line in result.stdout.decode().splitlines())
-    config = json.loads((tiny / "config.json").read_text())
+    config = json.loads((tiny_llama / "config.json").read_text())
     assert facts["architecture"] == "llama"
     assert facts["format"] == "hf"
     assert facts["layers"] == str(config["num_hidden_layers"])
-    assert facts["parameters"] == f"{count_parameters(tiny) / 1e6:.1f}M"
+    assert facts["parameters"] == f"{count_parameters(tiny_llama) / 1e6:.1f}M"
 
 
-def test_info_json_gguf(runs, tiny, tiny_gguf):
+def test_info_json_gguf(runs, tiny_llama, tiny_gguf):
     result = runs["info_json"]
     assert result.returncode == 0, result.stderr.decode()
     facts = json.loads(result.stdout)
-    config = json.loads((tiny / "config.json").read_text())
+    config = json.loads((tiny_llama / "config.json").read_text())
     assert facts["format"] == "gguf"
     assert facts["architecture"] == config["model_type"]
     assert facts["layers"] == config["num_hidden_layers"]
     assert facts["hidden_size"] == config["hidden_size"]
     assert (facts["heads"], facts["kv_heads"]) == (config["num_attention_heads"], config["num_key_value_heads"])
     assert facts["context_length"] == config["max_position_embeddings"]
-    assert facts["parameters"] == count_parameters(tiny)
+    assert facts["parameters"] == count_parameters(tiny_llama)
     assert facts["file_bytes"] == tiny_gguf.stat().st_size
-    with safe_open(tiny / "model.safetensors", framework="pt") as f:
+    with safe_open(tiny_llama / "model.safetensors", framework="pt") as f:
         assert facts["tensors"] == len(f.keys())
     assert facts["chat_template"] is True
 
