@@ -1,8 +1,8 @@
 """The `llmcad` command, run for real in subprocesses: one-line errors for bad input,
 JSON and streaming generation, `info`.
 
-Each subprocess spends ~3 s importing torch, so every command is started at once by the
-session fixture `runs` (a few at a time) and the tests only read the results.
+Each subprocess spends 2.5-4 s of CPU, mostly importing torch, so the session fixture
+`runs` starts every command at once (a few at a time) and the tests only read the results.
 """
 
 from __future__ import annotations
