@@ -48,6 +48,14 @@ def _read(path: str) -> str:
         return ""
 
 
+def rss_mb() -> float | None:
+    """This process's current resident set size in MiB (Linux), else None."""
+    try:
+        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / (1 << 20)
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def median(xs) -> float | None:
     xs = [x for x in xs if x is not None]
     return statistics.median(xs) if xs else None

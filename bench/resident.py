@@ -18,7 +18,12 @@ engine and per kind, and each engine's median decode tok/s over transformers' (s
 int8 against fp32, per prompt: greedy agreement teacher-forced on fp32's continuation (one
 int8 forward over prompt + fp32's N tokens, argmax at each position vs fp32's token), the
 identical prefix of the free-running outputs, and the mean log-likelihood per token of
-fp32's continuation under fp32 and under int8 (teacher-forced).
+fp32's continuation under fp32 and under int8 (teacher-forced). int8 quantizes activations per
+call, so one batched forward is not the step-by-step decode numerically; "self-agreement" (the
+one-forward argmax vs the engine's own free-running tokens) shows how large that gap is.
+
+Memory: with every engine, two fp32 copies of the 1.5B target plus int8 peak near 20 GB
+(transformers is loaded first, while its GGUF conversion needs a second copy); --no-hf halves it.
 
     python bench/resident.py                                   # full: 48 prompts x 128 tokens
     python bench/resident.py --limit 1 --max-tokens 8 --kinds code,chat   # smoke test
@@ -29,6 +34,8 @@ Writes bench/results/resident.json (--out) and a .png beside it; prints a markdo
 from __future__ import annotations
 
 import argparse
+import atexit
+import gc
 import json
 import os
 import shutil
@@ -43,8 +50,9 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from common import KINDS, RESULTS, load_prompts, machine_info, md_table, median, write_json
+from common import KINDS, RESULTS, load_prompts, machine_info, md_table, median, rss_mb, write_json
 from llmcad.engine import Engine
+from llmcad.generate import peak_rss_mb
 from llmcad.hub import DEFAULT_TARGET, resolve_model
 from llmcad.weights import open_checkpoint
 
@@ -123,6 +131,7 @@ class LlamaServer:
         self.log = tempfile.TemporaryFile()
         cmd = [binary, "-m", path, "-t", threads, "-c", context, "-np", "1", "--host", "127.0.0.1", "--port", port]
         self.proc = subprocess.Popen([str(c) for c in cmd], stdout=self.log, stderr=subprocess.STDOUT)
+        atexit.register(self.close)
         self.version = _version(binary)
         self.method = (
             f"{binary} -t {threads}; POST /completion {{prompt: ids, n_predict: N, ignore_eos, temperature 0, top_k 1, "
@@ -222,9 +231,13 @@ def quality(int8: Llmcad, fp32: Llmcad, ids: list[int], runs: dict) -> dict:
     target = torch.tensor(cont)
     a8, lp8 = int8.teacher_forced(ids, cont)
     a32, lp32 = fp32.teacher_forced(ids, cont)
+    own = runs["llmcad-int8"]["tokens"]
+    a8_own, _ = int8.teacher_forced(ids, own)
     return {
         "greedy_agreement": (a8 == target).float().mean().item(),
-        "fp32_self_agreement": (a32 == target).float().mean().item(),  # batched vs step-by-step fp32; ~1
+        # one batched forward vs the step-by-step decode that produced the tokens; 1 = same numerics
+        "fp32_self_agreement": (a32 == target).float().mean().item(),
+        "int8_self_agreement": (a8_own == torch.tensor(own)).float().mean().item(),
         "identical_prefix": same_prefix(runs["llmcad-int8"]["tokens"], cont),
         "loglik_fp32": lp32.mean().item(),
         "loglik_int8": lp8.mean().item(),
@@ -261,6 +274,7 @@ def summarize(runs: list[dict], quality_rows: list[dict], extra: dict) -> dict:
             "prompts": len(rows), "mean_greedy_agreement": mean("greedy_agreement"),
             "median_greedy_agreement": median(r["greedy_agreement"] for r in rows),
             "mean_fp32_self_agreement": mean("fp32_self_agreement"),
+            "mean_int8_self_agreement": mean("int8_self_agreement"),
             "median_identical_prefix": median(r["identical_prefix"] for r in rows),
             "mean_loglik_fp32": mean("loglik_fp32"), "mean_loglik_int8": mean("loglik_int8"),
         }  # fmt: skip
@@ -282,8 +296,10 @@ def markdown(summary: dict) -> str:
     rows = [[k] + [t[e]["median_decode_tokens_per_s"] for e in names] for k, t in summary["by_kind"].items()]
     out.append(md_table(["median decode tok/s"] + names, rows))
     if q := summary["quality_int8_vs_fp32"]:
-        keys = ["median_greedy_agreement", "median_identical_prefix", "mean_loglik_fp32", "mean_loglik_int8", "mean_fp32_self_agreement"]
-        out.append(md_table(["int8 vs fp32", "greedy agreement", "identical prefix", "loglik fp32", "loglik int8", "fp32 self-agreement"],
+        keys = ["median_greedy_agreement", "median_identical_prefix", "mean_loglik_fp32", "mean_loglik_int8",
+                "mean_fp32_self_agreement", "mean_int8_self_agreement"]  # fmt: skip
+        out.append(md_table(["int8 vs fp32", "greedy agreement", "identical prefix", "loglik fp32", "loglik int8",
+                             "fp32 self-agr.", "int8 self-agr."],
                             [[k] + [v[x] for x in keys] for k, v in q.items()]))  # fmt: skip
     return "\n\n".join(out)
 
@@ -350,11 +366,20 @@ def main() -> None:
             "threads": threads, "warmup_tokens": WARMUP_TOKENS, "order": "per prompt, engines in the order of 'engines'",
             "chat_template": "engine.chat_prompt([{'role': 'user', 'content': prompt}])",
             "decode_tokens_per_s": "(N-1) / decode_s; decode_s runs from the first new token to the last",
+            "quality": (
+                "per prompt, llmcad int8 vs fp32, teacher-forced on fp32's greedy continuation in ONE forward over "
+                "prompt + N tokens (engine.model(ids, arange(T), cache, 0)): greedy_agreement = fraction of the N "
+                "positions where int8's argmax equals fp32's token; loglik_* = mean log p(fp32 token) per token; "
+                "identical_prefix = leading tokens shared by the free-running int8 and fp32 outputs. int8 quantizes "
+                "activations per call (per tensor), so a batched forward is not numerically the step-by-step decode: "
+                "*_self_agreement = one-forward argmax vs the engine's own free-running tokens (1 = no gap)"
+            ),
         },  # fmt: skip
         "engines": {}, "runs": [], "quality": [], "summary": None, "complete": False,
     }  # fmt: skip
     engines, bench_binary = {}, None
-    for name in names:
+    # transformers first: its GGUF load holds a second fp32 copy for a while, better before the rest is resident
+    for name in sorted(names, key=lambda e: e != BASELINE):
         start = time.perf_counter()
         try:
             if name.startswith("llmcad-"):
@@ -376,47 +401,44 @@ def main() -> None:
             print(f"{name}: unavailable ({e})", file=sys.stderr)
             continue
         e = engines[name]
-        result["engines"][name] = {"available": True, "load_s": time.perf_counter() - start, "method": e.method}
+        gc.collect()
+        result["engines"][name] = {"available": True, "load_s": time.perf_counter() - start, "rss_mb_after": rss_mb(), "method": e.method}
         if hasattr(e, "version"):
             result["engines"][name]["version"] = e.version
 
+    engines = {e: engines[e] for e in names if e in engines}  # back to the interleaving order
     ids_of = chat_prompts(prompts, engines, path)
     for e in engines.values():  # warm-up, untimed
         e.run(ids_of[prompts[0]["id"]], min(WARMUP_TOKENS, n))
-    try:
-        for q in tqdm(prompts, desc="prompts", unit="prompt", file=sys.stderr):
-            ids, out = ids_of[q["id"]], {}
-            for name, e in engines.items():
-                r = out[name] = e.run(ids, n)
-                new = r.pop("new_tokens", None) or len(r["tokens"])
-                result["runs"].append({
-                    "engine": name, "id": q["id"], "kind": q["kind"], "prompt_tokens": len(ids), "new_tokens": new,
-                    "prefill_s": r["prefill_s"], "decode_s": r["decode_s"],
-                    "prefill_tokens_per_s": len(ids) / r["prefill_s"],
-                    "decode_tokens_per_s": (new - 1) / r["decode_s"] if new > 1 else None,
-                    **{k: v for k, v in r.items() if k not in ("prefill_s", "decode_s")},
-                })  # fmt: skip
-            if "llmcad-fp32" in out:
-                for rec in result["runs"][-len(out) :]:
-                    rec["identical_prefix_vs_llmcad_fp32"] = same_prefix(rec["tokens"], out["llmcad-fp32"]["tokens"])
-                if "llmcad-int8" in out:
-                    qual = quality(engines["llmcad-int8"], engines["llmcad-fp32"], ids, out)
-                    result["quality"].append({"id": q["id"], "kind": q["kind"], **qual})
-            write_json(args.out, result)  # partial results survive an interrupted run
-    finally:
-        for e in engines.values():
-            if isinstance(e, LlamaServer):
-                e.close()
+    for q in tqdm(prompts, desc="prompts", unit="prompt", file=sys.stderr):
+        ids, out = ids_of[q["id"]], {}
+        for name, e in engines.items():
+            r = out[name] = e.run(ids, n)
+            new = r.pop("new_tokens", None) or len(r["tokens"])
+            result["runs"].append({
+                "engine": name, "id": q["id"], "kind": q["kind"], "prompt_tokens": len(ids), "new_tokens": new,
+                "prefill_s": r["prefill_s"], "decode_s": r["decode_s"],
+                "prefill_tokens_per_s": len(ids) / r["prefill_s"],
+                "decode_tokens_per_s": (new - 1) / r["decode_s"] if new > 1 else None,
+                **{k: v for k, v in r.items() if k not in ("prefill_s", "decode_s")},
+            })  # fmt: skip
+        if "llmcad-fp32" in out:
+            for rec in result["runs"][-len(out) :]:
+                rec["identical_prefix_vs_llmcad_fp32"] = same_prefix(rec["tokens"], out["llmcad-fp32"]["tokens"])
+            if "llmcad-int8" in out:
+                qual = quality(engines["llmcad-int8"], engines["llmcad-fp32"], ids, out)
+                result["quality"].append({"id": q["id"], "kind": q["kind"], **qual})
+        write_json(args.out, result)  # partial results survive an interrupted run
 
     extra = {}
-    if bench_binary is not None:
-        median_prompt = int(median(len(ids_of[q["id"]]) for q in prompts))
-        extra["llama.cpp"] = llama_bench(bench_binary, path, threads, median_prompt, n)
-        result["engines"]["llama.cpp"].update(extra["llama.cpp"])
-        extra["llama.cpp"] = {"runs": 0, "median_prompt_tokens": median_prompt, "median_prefill_s": extra["llama.cpp"]["prefill_s"],
-                              "median_decode_tokens_per_s": extra["llama.cpp"]["decode_tokens_per_s"]}  # fmt: skip
+    if bench_binary is not None:  # llama-bench: one synthetic run at the median prompt length
+        median_prompt = int(median(len(ids) for ids in ids_of.values()))
+        lb = llama_bench(bench_binary, path, threads, median_prompt, n)
+        result["engines"]["llama.cpp"].update(lb)
+        extra["llama.cpp"] = {"runs": 0, "median_prompt_tokens": median_prompt, "median_prefill_s": lb["prefill_s"],
+                              "median_decode_tokens_per_s": lb["decode_tokens_per_s"]}  # fmt: skip
     result["summary"] = summarize(result["runs"], result["quality"], extra)
-    result["machine"]["load_average_end"] = os.getloadavg()
+    result["machine"].update(load_average_end=os.getloadavg(), peak_rss_mb=peak_rss_mb())
     result["complete"] = True
     write_json(args.out, result)
     title = f"{path.name}: {n} new tokens, greedy, {len(prompts)} prompts, {threads} threads"

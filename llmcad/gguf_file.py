@@ -46,14 +46,17 @@ class GGUFTensor:
 
 
 class GGUFFile:
+    """The index of a GGUF file. Tensor data is read on request with plain reads, so no
+    mapping of the file lingers in the process's resident memory after loading."""
+
     def __init__(self, path: str | Path):
         self.path = Path(path)
         try:
-            self._map = np.memmap(self.path, dtype=np.uint8, mode="r")
+            index = np.memmap(self.path, dtype=np.uint8, mode="r")
         except (OSError, ValueError) as e:
             raise LlmcadError(f"{self.path}: cannot read ({e})") from None
         try:
-            self.fields, self.tensors = self._parse(memoryview(self._map))
+            self.fields, self.tensors = self._parse(memoryview(index))
         except struct.error as e:  # a read past the end of the buffer
             raise LlmcadError(f"{self.path}: not a readable GGUF file (truncated or corrupt: {e})") from None
         except (UnicodeDecodeError, ValueError, KeyError) as e:
@@ -93,7 +96,14 @@ class GGUFFile:
 
     def dequantize(self, tensor: GGUFTensor) -> np.ndarray:
         """The tensor as float32, in its numpy shape."""
-        raw = self._map[tensor.offset : tensor.offset + tensor.nbytes]
+        raw = np.empty(tensor.nbytes, dtype=np.uint8)
+        view, done = memoryview(raw), 0
+        with open(self.path, "rb", buffering=0) as f:
+            f.seek(tensor.offset)
+            while done < tensor.nbytes and (n := f.readinto(view[done:])):
+                done += n
+        if done != tensor.nbytes:
+            raise LlmcadError(f"{self.path}: short read of tensor {tensor.name} (file truncated?)")
         rows = raw.reshape(-1, tensor.nbytes // max(1, int(np.prod(tensor.shape[:-1]))))
         try:
             return np.asarray(dequantize(rows, tensor.type), dtype=np.float32).reshape(tensor.shape)

@@ -25,10 +25,14 @@ PRECISIONS = ("fp32", "int8")
 warnings.filterwarnings("ignore", message=".*quantize_per_channel.*")
 
 
-def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric per-row int8: weight ~= q * scale[:, None]."""
-    scale = weight.abs().amax(dim=1).clamp(min=1e-12) / 127.0
-    q = torch.round(weight / scale[:, None]).clamp_(-127, 127).to(torch.int8)
+def quantize_rows(weight: torch.Tensor, chunk: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-row int8: weight ~= q * scale[:, None]. Works `chunk` rows at a time so
+    a 150k-row embedding needs no full-size temporaries."""
+    scale = torch.linalg.vector_norm(weight, ord=float("inf"), dim=1).clamp(min=1e-12) / 127.0
+    q = torch.empty(weight.shape, dtype=torch.int8)
+    for i in range(0, weight.shape[0], chunk):
+        rows = slice(i, i + chunk)
+        q[rows] = torch.round(weight[rows] / scale[rows, None]).clamp_(-127, 127)
     return q, scale.float()
 
 

@@ -13,7 +13,6 @@ from dataclasses import dataclass, replace
 from functools import cached_property
 from pathlib import Path
 
-import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
@@ -204,7 +203,7 @@ def _gguf_tensors(ckpt: Checkpoint) -> Iterator[tuple[str, torch.Tensor]]:
             name = f"layers.{parts[1]}.{GGUF_NAMES.get(parts[2], parts[2])}.{parts[3]}"
         else:
             name = f"{GGUF_NAMES.get(parts[0], parts[0])}.{parts[1]}"
-        tensor = torch.from_numpy(np.array(ckpt.gguf.dequantize(t)))  # a writable copy
+        tensor = torch.from_numpy(ckpt.gguf.dequantize(t))
         if config.arch == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
             heads = config.num_heads if "q_proj" in name else config.num_kv_heads
             tensor = _unpermute_rope(tensor, heads)
