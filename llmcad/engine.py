@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import os
 import threading
-import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from llmcad.errors import LlmcadError
@@ -13,18 +13,39 @@ from llmcad.generate import Generation, GenerationStats, Piece, autoregressive, 
 from llmcad.hub import DEFAULT_TARGET, resolve_model
 from llmcad.model import KVCache, Transformer
 from llmcad.sampling import Sampler, SamplingParams
+from llmcad.speculative import SpeculativeDecoder, TreeLimits
 from llmcad.tokenizer import Tokenizer
+from llmcad.tree import TokenTree
 from llmcad.weights import Checkpoint, load_model, open_checkpoint
 
 DEFAULT_PRECISION = "int8"
 DEFAULT_MAX_CONTEXT = 4096
+MODES = ("ar", "sd", "tree")
+TREE_SLOTS = 256  # cache slots beyond the context reserved for a token tree under verification
+DEFAULT_LIMITS = {"sd": TreeLimits.linear(4), "tree": TreeLimits()}
+
+
+@dataclass
+class Draft:
+    model: Transformer
+    checkpoint: Checkpoint
+    cache: KVCache
 
 
 class Engine:
-    """A loaded model ready to generate. One generation runs at a time; a second caller
-    waits for the first to finish (generations are serialized, never interleaved)."""
+    """A loaded target (and optional draft) ready to generate. One generation runs at a time;
+    a second caller waits for the first to finish (generations are serialized)."""
 
-    def __init__(self, model: Transformer, tokenizer: Tokenizer, checkpoint: Checkpoint, precision: str, max_context: int):
+    def __init__(
+        self,
+        model: Transformer,
+        tokenizer: Tokenizer,
+        checkpoint: Checkpoint,
+        precision: str,
+        max_context: int,
+        draft: Draft | None = None,
+        mode: str | None = None,
+    ):
         if tokenizer.vocab_size > model.config.vocab_size:
             raise LlmcadError(
                 f"{checkpoint.path}: tokenizer has {tokenizer.vocab_size} tokens but the model only {model.config.vocab_size}"
@@ -32,7 +53,10 @@ class Engine:
         self.model, self.tokenizer, self.checkpoint = model, tokenizer, checkpoint
         self.precision = precision
         self.max_context = max_context
-        self.cache = KVCache(model.config, max_context)
+        self.cache = KVCache(model.config, max_context + TREE_SLOTS)
+        self.draft = draft
+        self.mode = mode or ("tree" if draft else "ar")
+        self._check_mode(self.mode)
         self.lock = threading.Lock()
 
     @classmethod
@@ -40,19 +64,27 @@ class Engine:
         cls,
         target: str | os.PathLike = DEFAULT_TARGET,
         *,
+        draft: str | os.PathLike | None = None,
+        mode: str | None = None,
         precision: str = DEFAULT_PRECISION,
         max_context: int = DEFAULT_MAX_CONTEXT,
         progress: bool = True,
     ) -> Engine:
-        """Load `target` (a GGUF file, a Hugging Face folder, or a default alias, fetched on
-        first use) in `precision` ("fp32" or "int8")."""
+        """Load `target` (and `draft`): GGUF files, Hugging Face folders or default aliases
+        (fetched on first use), computing in `precision` ("fp32" or "int8"). `mode` is the
+        default decoding mode: "ar" (target alone), "sd" (linear draft) or "tree"."""
         checkpoint = open_checkpoint(resolve_model(target, progress=progress))
         tokenizer = checkpoint.tokenizer
-        start = time.perf_counter()
+        max_context = min(max_context, checkpoint.config.max_position_embeddings)
+        draft_state = None
+        if draft is not None:
+            draft_ckpt = open_checkpoint(resolve_model(draft, progress=progress))
+            _check_same_vocabulary(checkpoint, draft_ckpt)
+            draft_model = load_model(draft_ckpt, precision, progress=progress)
+            max_context = min(max_context, draft_ckpt.config.max_position_embeddings)
+            draft_state = Draft(draft_model, draft_ckpt, KVCache(draft_model.config, max_context + TREE_SLOTS))
         model = load_model(checkpoint, precision, progress=progress)
-        engine = cls(model, tokenizer, checkpoint, precision, min(max_context, checkpoint.config.max_position_embeddings))
-        engine.load_s = time.perf_counter() - start
-        return engine
+        return cls(model, tokenizer, checkpoint, precision, max_context, draft_state, mode)
 
     @property
     def name(self) -> str:
@@ -69,20 +101,37 @@ class Engine:
         seed: int | None = None,
         stop: str | Sequence[str] = (),
         ignore_eos: bool = False,
+        mode: str | None = None,
+        limits: TreeLimits | None = None,
+        on_verify: Callable[[TokenTree, list[int]], None] | None = None,
     ) -> Iterator[Piece]:
         """Yield the continuation of `prompt` (text, or token ids) piece by piece; the last
-        piece has the finish reason and the stats."""
+        piece has the finish reason and the stats. `mode` and the tree `limits` override the
+        engine's defaults for this call; `on_verify(tree, accepted_path)` sees every tree."""
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
-        sampler = Sampler(SamplingParams(temperature, top_k, top_p, seed))
+        params = SamplingParams(temperature, top_k, top_p, seed)
+        mode = mode or self.mode
+        self._check_mode(mode)
+        limits = limits or DEFAULT_LIMITS.get(mode)
+        if limits is not None and limits.max_nodes >= TREE_SLOTS:
+            raise LlmcadError(f"a token tree holds at most {TREE_SLOTS - 1} drafted nodes, asked for {limits.max_nodes}")
         self._check_lengths(len(ids), max_tokens)
         stops = [stop] if isinstance(stop, str) else list(stop)
-        return self._stream(ids, sampler, max_tokens, stops, ignore_eos)
+        return self._stream(ids, params, mode, limits, on_verify, max_tokens, stops, ignore_eos)
 
-    def _stream(self, ids: list[int], sampler: Sampler, max_tokens: int, stop: list[str], ignore_eos: bool) -> Iterator[Piece]:
+    def _stream(self, ids, params, mode, limits, on_verify, max_tokens, stop, ignore_eos) -> Iterator[Piece]:
         with self.lock:
-            stats = GenerationStats(prompt_tokens=len(ids), extra={"mode": "ar", "precision": self.precision})
-            tokens = autoregressive(self.model, self.cache, ids, sampler)
-            yield from stream_text(tokens, self.tokenizer, stats, max_tokens=max_tokens, stop=stop, ignore_eos=ignore_eos)
+            stats = GenerationStats(prompt_tokens=len(ids), extra={"mode": mode, "precision": self.precision})
+            if mode == "ar":
+                decoder, tokens = None, autoregressive(self.model, self.cache, ids, Sampler(params))
+            else:
+                d = self.draft
+                decoder = SpeculativeDecoder(self.model, self.cache, d.model, d.cache, limits, params, on_verify)
+                tokens = decoder.generate(ids)
+            for piece in stream_text(tokens, self.tokenizer, stats, max_tokens=max_tokens, stop=stop, ignore_eos=ignore_eos):
+                if piece.stats is not None and decoder is not None:
+                    piece.stats.extra.update(decoder.stats.summary())
+                yield piece
 
     def generate(self, prompt: str | Sequence[int], **options) -> Generation:
         """Generate to completion; takes the same options as `stream`."""
@@ -105,6 +154,12 @@ class Engine:
         """Answer a conversation ([{"role": ..., "content": ...}, ...]) with the chat template."""
         return self.generate(self.chat_prompt(messages), **options)
 
+    def _check_mode(self, mode: str) -> None:
+        if mode not in MODES:
+            raise LlmcadError(f"unknown mode {mode!r} (choose from {', '.join(MODES)})")
+        if mode != "ar" and self.draft is None:
+            raise LlmcadError(f"mode {mode!r} needs a draft model (--draft)")
+
     def _check_lengths(self, prompt_tokens: int, max_tokens: int) -> None:
         if prompt_tokens == 0:
             raise LlmcadError("the prompt is empty")
@@ -115,3 +170,14 @@ class Engine:
                 f"prompt ({prompt_tokens} tokens) plus max_tokens ({max_tokens}) exceeds the context window "
                 f"({self.max_context} tokens)"
             )
+
+
+def _check_same_vocabulary(target: Checkpoint, draft: Checkpoint) -> None:
+    """Speculation compares token ids, so both models must mean the same thing by each id."""
+    problem = None
+    if target.config.vocab_size != draft.config.vocab_size:
+        problem = f"vocabulary sizes differ ({target.config.vocab_size} vs {draft.config.vocab_size})"
+    elif target.tokenizer.backend.get_vocab(True) != draft.tokenizer.backend.get_vocab(True):
+        problem = "their tokenizers map tokens to different ids"
+    if problem:
+        raise LlmcadError(f"draft {draft.path.name} cannot draft for target {target.path.name}: {problem}")

@@ -42,8 +42,9 @@ def train_tokenizer(folder: Path, vocab_size: int = 320) -> int:
     return tok.get_vocab_size()
 
 
-def make_tiny_hf(folder: Path, arch: str = "llama", seed: int = 0, **overrides) -> Path:
-    """Save a tiny random model of `arch` with transformers, plus a tokenizer, to `folder`."""
+def make_tiny_hf(folder: Path, arch: str = "llama", seed: int = 0, noise: float = 0.0, **overrides) -> Path:
+    """Save a tiny random model of `arch` with transformers, plus a tokenizer, to `folder`.
+    `noise` > 0 perturbs every weight: a draft that mostly agrees with the unperturbed model."""
     import transformers
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -69,6 +70,9 @@ def make_tiny_hf(folder: Path, arch: str = "llama", seed: int = 0, **overrides) 
     with torch.no_grad():  # random init is near zero; widen it so logits differ clearly
         for name, p in model.named_parameters():
             p.normal_(1.0 if "norm" in name else 0.0, 0.2 if p.dim() > 1 else 0.05)
+        perturb = torch.Generator().manual_seed(seed + 1000)
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=perturb) * noise)
     model.save_pretrained(folder)
     return folder
 

@@ -1,0 +1,155 @@
+"""Token-tree speculative decoding is lossless: greedy output equals the target alone, and
+sampling draws from the target's own distribution (checked statistically)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from llmcad.config import ModelConfig
+from llmcad.engine import Engine
+from llmcad.errors import LlmcadError
+from llmcad.model import KVCache, Transformer
+from llmcad.sampling import SamplingParams, probabilities
+from llmcad.speculative import SpeculativeDecoder, TreeLimits
+from conftest import make_tiny_hf
+
+LIMITS = {
+    "sd-1": ("sd", TreeLimits.linear(1)),
+    "sd-4": ("sd", TreeLimits.linear(4)),
+    "tree-8": ("tree", TreeLimits(max_nodes=8, max_depth=4, width=3, branch_threshold=0.05, batch=2)),
+    "tree-32": ("tree", TreeLimits(max_nodes=32, max_depth=8, width=4, branch_threshold=0.02, batch=8)),
+}
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen2"])
+def pair(request, tmp_path_factory) -> Engine:
+    """A tiny target and a draft that is the target with its weights perturbed."""
+    root = tmp_path_factory.mktemp(f"pair-{request.param}")
+    target = make_tiny_hf(root / "target", request.param, seed=3)
+    draft = make_tiny_hf(root / "draft", request.param, seed=3, noise=0.03)
+    return Engine.load(target, draft=draft, precision="fp32", progress=False)
+
+
+@pytest.mark.parametrize("setting", LIMITS)
+def test_greedy_equals_target_alone(pair, setting):
+    mode, limits = LIMITS[setting]
+    accepted = 0
+    for seed in range(6):
+        for length in (1, 4, 13):
+            prompt = torch.randint(0, 300, (length,), generator=torch.Generator().manual_seed(seed)).tolist()
+            expected = pair.generate(prompt, max_tokens=24, ignore_eos=True, mode="ar").tokens
+            result = pair.generate(prompt, max_tokens=24, ignore_eos=True, mode=mode, limits=limits)
+            assert result.tokens == expected, (setting, seed, length)
+            accepted += result.stats.extra["accepted_per_verification"]
+    assert accepted > 0  # the draft is close enough that speculation did real work
+
+
+def test_target_as_its_own_draft_accepts_everything(tiny_llama):
+    engine = Engine.load(tiny_llama, draft=tiny_llama, precision="fp32", progress=False)
+    for temperature in (0.0, 1.0):
+        chain = engine.generate("abc", max_tokens=41, ignore_eos=True, mode="sd", limits=TreeLimits.linear(4), temperature=temperature, seed=0)
+        assert set(chain.stats.extra["accepted_histogram"]) == {4}  # every verification: all 4 drafted
+        tree = engine.generate("abc", max_tokens=40, ignore_eos=True, mode="tree", temperature=temperature, seed=0)
+        assert set(tree.stats.extra["accepted_histogram"]) == {TreeLimits().max_depth}
+
+
+def test_tree_mode_needs_a_compatible_draft(tiny_llama, tmp_path):
+    with pytest.raises(LlmcadError, match="needs a draft"):
+        Engine.load(tiny_llama, mode="tree", precision="fp32", progress=False)
+    other = make_tiny_hf(tmp_path / "other", "llama", vocab_size=400)
+    with pytest.raises(LlmcadError, match="vocabulary sizes differ"):
+        Engine.load(tiny_llama, draft=other, precision="fp32", progress=False)
+
+
+# ---- sampling: goodness of fit on a 48-token vocabulary ------------------------------------
+
+VOCAB = 48
+PROMPT = [5, 17, 3]
+SAMPLES = 2000
+SAMPLING = SamplingParams(temperature=1.0)
+TREE = TreeLimits(max_nodes=8, max_depth=3, width=3, branch_threshold=0.08, batch=4)
+
+
+def tiny(seed: int) -> Transformer:
+    config = ModelConfig("llama", VOCAB, 32, 64, 2, 4, 2, 8, 1e-5, 10000.0, 64, False, False)
+    torch.manual_seed(seed)
+    model = Transformer(config)
+    for name, p in model.named_parameters():
+        torch.nn.init.normal_(p, 1.0 if "norm" in name else 0.0, 0.5 if p.dim() > 1 else 0.05)
+    return model.eval()
+
+
+def exact_marginals(model: Transformer) -> list[torch.Tensor]:
+    """The target's own distribution of each of the first three tokens, by enumeration."""
+    def dist(ids):
+        cache = KVCache(model.config, 16)
+        return probabilities(model(torch.tensor(ids), torch.arange(len(ids)), cache, 0)[-1], SAMPLING)
+
+    p1 = dist(PROMPT)
+    p2, p3 = torch.zeros(VOCAB), torch.zeros(VOCAB)
+    for a in range(VOCAB):
+        q2 = dist(PROMPT + [a])
+        p2 += p1[a] * q2
+        for b in torch.nonzero(q2 > 1e-4).flatten().tolist():
+            p3 += p1[a] * q2[b] * dist(PROMPT + [a, b])
+    return [p1, p2, p3 / p3.sum()]
+
+
+def sampled_marginals(decoder_cls, target: Transformer, draft: Transformer) -> list[torch.Tensor]:
+    counts = [torch.zeros(VOCAB) for _ in range(3)]
+    t_cache, d_cache = KVCache(target.config, 32), KVCache(draft.config, 32)
+    for seed in range(SAMPLES):
+        params = SamplingParams(SAMPLING.temperature, seed=seed)
+        tokens = decoder_cls(target, t_cache, draft, d_cache, TREE, params).generate(PROMPT)
+        for position in range(3):
+            counts[position][next(tokens)] += 1
+        tokens.close()
+    return counts
+
+
+def fit_p_values(counts: list[torch.Tensor], expected: list[torch.Tensor]) -> list[float]:
+    """Pearson chi-square p-values, bins with fewer than 5 expected samples pooled."""
+    out = []
+    for observed, probs in zip(counts, expected):
+        want = probs.double() * SAMPLES
+        small = want < 5
+        obs = torch.cat((observed.double()[~small], observed.double()[small].sum().view(1)))
+        exp = torch.cat((want[~small], want[small].sum().view(1)))
+        keep = exp > 0
+        stat = ((obs[keep] - exp[keep]) ** 2 / exp[keep]).sum()
+        dof = torch.tensor((int(keep.sum()) - 1) / 2, dtype=torch.float64)
+        out.append(float(torch.special.gammaincc(dof, stat / 2)))
+    return out
+
+
+class BrokenRule(SpeculativeDecoder):
+    """Deliberately wrong: after a rejected child the target distribution is not replaced by
+    the residual max(p - q, 0), so tokens the draft proposed are over-represented."""
+
+    def _accept_child(self, tree, node, p, s):
+        if s is None:
+            return p
+        for child in tree.children[node]:
+            x = int(tree.tokens[child])
+            if float(torch.rand(1, generator=self.generator)) * float(s.q[x]) < float(p[x]):
+                return child
+        return p
+
+
+@pytest.fixture(scope="module")
+def sampling_pair():
+    target, draft = tiny(0), tiny(1)
+    return target, draft, exact_marginals(target)
+
+
+def test_tree_sampling_preserves_the_target_distribution(sampling_pair):
+    target, draft, expected = sampling_pair
+    p_values = fit_p_values(sampled_marginals(SpeculativeDecoder, target, draft), expected)
+    assert min(p_values) > 1e-3, p_values
+
+
+def test_the_fit_test_catches_a_broken_acceptance_rule(sampling_pair):
+    target, draft, expected = sampling_pair
+    p_values = fit_p_values(sampled_marginals(BrokenRule, target, draft), expected)
+    assert min(p_values) < 1e-6, p_values
