@@ -9,6 +9,7 @@ import sys
 from llmcad import hub
 from llmcad.errors import LlmcadError
 from llmcad.quant import PRECISIONS
+from llmcad.speculative import TreeLimits
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -32,6 +33,14 @@ def _parser() -> argparse.ArgumentParser:
     gen = commands.add_parser("generate", help="generate text from a prompt")
     gen.add_argument("prompt", metavar="PROMPT", help="the prompt text ('-' reads it from stdin)")
     gen.add_argument("--target", default=hub.DEFAULT_TARGET, metavar="MODEL", help="GGUF file, HF folder or alias (default: %(default)s)")
+    gen.add_argument("--draft", default=None, metavar="MODEL", help="draft model for speculative decoding")
+    gen.add_argument("--mode", choices=("ar", "sd", "tree"), default=None, help="ar: target alone; sd: linear draft; tree: token tree (default: tree with --draft, else ar)")
+    gen.add_argument("--draft-tokens", type=int, default=4, metavar="K", help="sd: tokens drafted per verification (default: %(default)s)")
+    gen.add_argument("--tree-nodes", type=int, default=TreeLimits.max_nodes, metavar="N", help="tree: drafted nodes per verification (default: %(default)s)")
+    gen.add_argument("--tree-depth", type=int, default=TreeLimits.max_depth, metavar="D", help="tree: maximum depth (default: %(default)s)")
+    gen.add_argument("--tree-width", type=int, default=TreeLimits.width, metavar="W", help="tree: children per node at most (default: %(default)s)")
+    gen.add_argument("--branch-threshold", type=float, default=TreeLimits.branch_threshold, metavar="P", help="tree: draft probability that opens a branch (default: %(default)s)")
+    gen.add_argument("--show-tree", action="store_true", help="draw every token tree on stderr, accepted path marked with *")
     gen.add_argument("--chat", action="store_true", help="wrap PROMPT in the model's chat template as a user message")
     gen.add_argument("--max-tokens", type=int, default=256, metavar="N")
     gen.add_argument("--temperature", type=float, default=0.0, metavar="T", help="0 = greedy (default)")
@@ -61,7 +70,14 @@ def _generate(args: argparse.Namespace) -> int:
 
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     progress = not args.json and sys.stderr.isatty()  # bars only on a terminal, never in a log
-    engine = Engine.load(args.target, precision=args.precision, max_context=args.max_context, progress=progress)
+    engine = Engine.load(
+        args.target, draft=args.draft, mode=args.mode, precision=args.precision, max_context=args.max_context, progress=progress
+    )
+    limits = (
+        TreeLimits.linear(args.draft_tokens)
+        if engine.mode == "sd"
+        else TreeLimits(args.tree_nodes, args.tree_depth, args.tree_width, args.branch_threshold)
+    )
     ids = engine.chat_prompt([{"role": "user", "content": prompt}]) if args.chat else engine.tokenizer.encode(prompt)
     options = dict(
         max_tokens=args.max_tokens,
@@ -71,6 +87,8 @@ def _generate(args: argparse.Namespace) -> int:
         seed=args.seed,
         stop=args.stop,
         ignore_eos=args.ignore_eos,
+        limits=None if engine.mode == "ar" else limits,
+        on_verify=_tree_printer(engine.tokenizer) if args.show_tree else None,
     )
     if args.json:
         result = engine.generate(ids, **options)
@@ -80,13 +98,22 @@ def _generate(args: argparse.Namespace) -> int:
         sys.stdout.write(piece.text)
         sys.stdout.flush()
     s = piece.stats
-    print(
-        f"\n\n[{engine.name}, {engine.precision}] prompt: {s.prompt_tokens} tokens, {s.prefill_tokens_per_s:.1f} tok/s"
+    line = (
+        f"\n\n[{engine.name}, {engine.precision}, {s.extra['mode']}] prompt: {s.prompt_tokens} tokens, {s.prefill_tokens_per_s:.1f} tok/s"
         f" | generated: {s.new_tokens} tokens, {s.decode_tokens_per_s:.2f} tok/s"
-        f" | finish: {piece.finish_reason} | peak RSS: {s.peak_rss_mb:.0f} MB",
-        file=sys.stderr,
     )
+    if "verifications" in s.extra:
+        line += f" | {s.extra['tokens_per_verification']:.2f} tokens per verification ({s.extra['verifications']} verifications)"
+    print(f"{line} | finish: {piece.finish_reason} | peak RSS: {s.peak_rss_mb:.0f} MB", file=sys.stderr)
     return 0
+
+
+def _tree_printer(tokenizer):
+    def show(tree, path):
+        print(f"--- tree: {tree.size - 1} drafted, {len(path) - 1} accepted", file=sys.stderr)
+        print(tree.render(tokenizer.decode, accepted=path), file=sys.stderr)
+
+    return show
 
 
 def _info(args: argparse.Namespace) -> int:

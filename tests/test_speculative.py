@@ -3,6 +3,8 @@ sampling draws from the target's own distribution (checked statistically)."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -31,17 +33,26 @@ def pair(request, tmp_path_factory) -> Engine:
     return Engine.load(target, draft=draft, precision="fp32", progress=False)
 
 
+CASES = [(seed, length) for seed in range(4) for length in (1, 4, 13)]  # prompt seeds x lengths
+
+
+def prompt_for(seed: int, length: int) -> list[int]:
+    return torch.randint(0, 300, (length,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+@pytest.fixture(scope="module")
+def ar_tokens(pair) -> dict:
+    return {case: pair.generate(prompt_for(*case), max_tokens=24, ignore_eos=True, mode="ar").tokens for case in CASES}
+
+
 @pytest.mark.parametrize("setting", LIMITS)
-def test_greedy_equals_target_alone(pair, setting):
+def test_greedy_equals_target_alone(pair, ar_tokens, setting):
     mode, limits = LIMITS[setting]
     accepted = 0
-    for seed in range(6):
-        for length in (1, 4, 13):
-            prompt = torch.randint(0, 300, (length,), generator=torch.Generator().manual_seed(seed)).tolist()
-            expected = pair.generate(prompt, max_tokens=24, ignore_eos=True, mode="ar").tokens
-            result = pair.generate(prompt, max_tokens=24, ignore_eos=True, mode=mode, limits=limits)
-            assert result.tokens == expected, (setting, seed, length)
-            accepted += result.stats.extra["accepted_per_verification"]
+    for case in CASES:
+        result = pair.generate(prompt_for(*case), max_tokens=24, ignore_eos=True, mode=mode, limits=limits)
+        assert result.tokens == ar_tokens[case], (setting, case)
+        accepted += result.stats.extra["accepted_per_verification"]
     assert accepted > 0  # the draft is close enough that speculation did real work
 
 
@@ -153,3 +164,17 @@ def test_the_fit_test_catches_a_broken_acceptance_rule(sampling_pair):
     target, draft, expected = sampling_pair
     p_values = fit_p_values(sampled_marginals(BrokenRule, target, draft), expected)
     assert min(p_values) < 1e-6, p_values
+
+
+def test_cli_tree_mode_json_and_show_tree(tiny_llama, capsys):
+    from llmcad import cli
+
+    assert cli.main(["generate", "--target", str(tiny_llama), "--draft", str(tiny_llama), "--precision", "fp32",
+                     "--max-tokens", "12", "--ignore-eos", "--json", "hello"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["stats"]["mode"] == "tree" and out["stats"]["verifications"] >= 1
+    assert out["stats"]["new_tokens"] == len(out["tokens"]) == 12
+    assert cli.main(["generate", "--target", str(tiny_llama), "--draft", str(tiny_llama), "--precision", "fp32",
+                     "--mode", "sd", "--draft-tokens", "3", "--max-tokens", "8", "--ignore-eos", "--show-tree", "hello"]) == 0
+    err = capsys.readouterr().err
+    assert "--- tree: 3 drafted, 3 accepted" in err and "*" in err and "tokens per verification" in err
