@@ -49,7 +49,8 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=None, metavar="S")
     gen.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop string (repeatable)")
     gen.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-sequence tokens")
-    gen.add_argument("--precision", choices=PRECISIONS, default="int8", help="compute precision (default: %(default)s)")
+    gen.add_argument("--precision", choices=PRECISIONS, default=None, help="target compute precision (default: int8 alone, fp32 with a draft: int8 verification is not exactly lossless)")
+    gen.add_argument("--draft-precision", choices=PRECISIONS, default="int8", help="draft compute precision (default: %(default)s)")
     gen.add_argument("--max-context", type=int, default=4096, metavar="N", help="KV cache size in tokens")
     gen.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     gen.set_defaults(run=_generate)
@@ -71,7 +72,13 @@ def _generate(args: argparse.Namespace) -> int:
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     progress = not args.json and sys.stderr.isatty()  # bars only on a terminal, never in a log
     engine = Engine.load(
-        args.target, draft=args.draft, mode=args.mode, precision=args.precision, max_context=args.max_context, progress=progress
+        args.target,
+        draft=args.draft,
+        mode=args.mode,
+        precision=args.precision,
+        draft_precision=args.draft_precision,
+        max_context=args.max_context,
+        progress=progress,
     )
     limits = (
         TreeLimits.linear(args.draft_tokens)

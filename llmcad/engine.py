@@ -66,13 +66,20 @@ class Engine:
         *,
         draft: str | os.PathLike | None = None,
         mode: str | None = None,
-        precision: str = DEFAULT_PRECISION,
+        precision: str | None = None,
+        draft_precision: str = "int8",
         max_context: int = DEFAULT_MAX_CONTEXT,
         progress: bool = True,
     ) -> Engine:
         """Load `target` (and `draft`): GGUF files, Hugging Face folders or default aliases
-        (fetched on first use), computing in `precision` ("fp32" or "int8"). `mode` is the
-        default decoding mode: "ar" (target alone), "sd" (linear draft) or "tree"."""
+        (fetched on first use). `mode` is the default decoding mode: "ar" (target alone),
+        "sd" (linear draft) or "tree".
+
+        `precision` is the target's: "int8" by default when it runs alone, "fp32" when it
+        verifies a draft. int8 quantizes activations per call over all rows at once, so a
+        row's result depends on the other rows in the pass: a verified tree can then differ
+        from the target's own one-token-at-a-time output. fp32 keeps speculation lossless."""
+        precision = precision or ("fp32" if draft is not None else DEFAULT_PRECISION)
         checkpoint = open_checkpoint(resolve_model(target, progress=progress))
         tokenizer = checkpoint.tokenizer
         max_context = min(max_context, checkpoint.config.max_position_embeddings)
@@ -80,7 +87,7 @@ class Engine:
         if draft is not None:
             draft_ckpt = open_checkpoint(resolve_model(draft, progress=progress))
             _check_same_vocabulary(checkpoint, draft_ckpt)
-            draft_model = load_model(draft_ckpt, precision, progress=progress)
+            draft_model = load_model(draft_ckpt, draft_precision, progress=progress)
             max_context = min(max_context, draft_ckpt.config.max_position_embeddings)
             draft_state = Draft(draft_model, draft_ckpt, KVCache(draft_model.config, max_context + TREE_SLOTS))
         model = load_model(checkpoint, precision, progress=progress)

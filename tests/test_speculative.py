@@ -57,7 +57,7 @@ def test_greedy_equals_target_alone(pair, ar_tokens, setting):
 
 
 def test_target_as_its_own_draft_accepts_everything(tiny_llama):
-    engine = Engine.load(tiny_llama, draft=tiny_llama, precision="fp32", progress=False)
+    engine = Engine.load(tiny_llama, draft=tiny_llama, precision="fp32", draft_precision="fp32", progress=False)
     for temperature in (0.0, 1.0):
         chain = engine.generate("abc", max_tokens=41, ignore_eos=True, mode="sd", limits=TreeLimits.linear(4), temperature=temperature, seed=0)
         assert set(chain.stats.extra["accepted_histogram"]) == {4}  # every verification: all 4 drafted
@@ -174,7 +174,7 @@ def test_cli_tree_mode_json_and_show_tree(tiny_llama, capsys):
     out = json.loads(capsys.readouterr().out)
     assert out["stats"]["mode"] == "tree" and out["stats"]["verifications"] >= 1
     assert out["stats"]["new_tokens"] == len(out["tokens"]) == 12
-    assert cli.main(["generate", "--target", str(tiny_llama), "--draft", str(tiny_llama), "--precision", "fp32",
+    assert cli.main(["generate", "--target", str(tiny_llama), "--draft", str(tiny_llama), "--draft-precision", "fp32",
                      "--mode", "sd", "--draft-tokens", "3", "--max-tokens", "8", "--ignore-eos", "--show-tree", "hello"]) == 0
     err = capsys.readouterr().err
     assert "--- tree: 3 drafted, 3 accepted" in err and "*" in err and "tokens per verification" in err
