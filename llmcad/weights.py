@@ -88,15 +88,14 @@ def load_model(ckpt: Checkpoint, precision: str = "fp32", progress: bool = False
     with bar:  # closed on error too, so an error message starts on a line of its own
         for name, tensor in ckpt.tensors():
             bar.update()
-            if name.endswith(IGNORED_HF_TENSORS):
-                continue
+            if name.endswith(IGNORED_HF_TENSORS) or (name == "lm_head.weight" and config.tie_word_embeddings):
+                continue  # a tied head is built from the embedding, even if the file repeats it
             targets = [name]
             if name == "embed_tokens.weight" and config.tie_word_embeddings:
                 targets.append("lm_head.weight")
             for target in targets:
                 _assign(model, target, tensor, precision, ckpt.path)
     missing = [n for n, p in model.named_parameters() if p.is_meta]
-    missing += [f"{n} (int8)" for n, m in model.named_modules() if _is_incomplete(m)]
     if missing:
         raise LlmcadError(f"{ckpt.path}: missing tensors: {', '.join(missing[:5])}" + (" ..." if len(missing) > 5 else ""))
     return model.eval()

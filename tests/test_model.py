@@ -152,3 +152,21 @@ def test_int8_model_is_close_to_fp32(tiny_model):
     q = run(load_model(ckpt, "int8"), ids, [10] + [1] * 6)
     assert (q - ref).norm() / ref.norm() < 0.1
     assert (q.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.75
+
+
+def test_missing_tensor_and_repeated_tied_head(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from llmcad.errors import LlmcadError
+
+    folder = make_tiny_hf(tmp_path / "m", "qwen2")  # tied: the file has no lm_head
+    weights = folder / "model.safetensors"
+    state = load_file(weights)
+    save_file({**state, "lm_head.weight": state["model.embed_tokens.weight"].clone()}, weights)
+    ids = prompt(open_checkpoint(folder).config.vocab_size)
+    torch.testing.assert_close(run(load_model(open_checkpoint(folder)), ids, [len(ids)]), hf_logits(folder, ids), atol=TOL, rtol=0)
+    load_model(open_checkpoint(folder), "int8")  # a repeated tied head is skipped, not an error
+    del state["model.layers.1.mlp.up_proj.weight"]
+    save_file(state, weights)
+    with pytest.raises(LlmcadError, match="missing tensors: layers.1.mlp.up_proj.weight"):
+        load_model(open_checkpoint(folder))
