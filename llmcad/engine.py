@@ -115,7 +115,7 @@ class Engine:
         """Yield the continuation of `prompt` (text, or token ids) piece by piece; the last
         piece has the finish reason and the stats. `mode` and the tree `limits` override the
         engine's defaults for this call; `on_verify(tree, accepted_path)` sees every tree."""
-        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        ids = self._ids(prompt)
         params = SamplingParams(temperature, top_k, top_p, seed)
         mode = mode or self.mode
         self._check_mode(mode)
@@ -142,7 +142,7 @@ class Engine:
 
     def generate(self, prompt: str | Sequence[int], **options) -> Generation:
         """Generate to completion; takes the same options as `stream`."""
-        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        ids = self._ids(prompt)
         pieces = list(self.stream(ids, **options))
         final = pieces[-1]
         return Generation(
@@ -152,6 +152,9 @@ class Engine:
             finish_reason=final.finish_reason,
             stats=final.stats,
         )
+
+    def _ids(self, prompt: str | Sequence[int]) -> list[int]:
+        return self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
 
     def chat_prompt(self, messages: list[dict]) -> list[int]:
         """Token ids of `messages` in the model's chat template, ready for the assistant's turn."""
