@@ -50,13 +50,19 @@ def probabilities(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     return probs
 
 
+def seeded_generator(seed: int | None) -> torch.Generator:
+    """A random generator seeded with `seed`, or from the OS when it is None."""
+    generator = torch.Generator()
+    generator.manual_seed(seed if seed is not None else torch.seed())
+    return generator
+
+
 class Sampler:
     """Picks the next token from a [vocab] logits vector; seeded, so runs reproduce."""
 
     def __init__(self, params: SamplingParams):
         self.params = params
-        self.generator = torch.Generator()
-        self.generator.manual_seed(params.seed if params.seed is not None else torch.seed())
+        self.generator = seeded_generator(params.seed)
 
     def __call__(self, logits: torch.Tensor) -> int:
         if self.params.greedy:

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 import torch
 
 from llmcad.model import KVCache, Transformer
-from llmcad.sampling import SamplingParams, probabilities
+from llmcad.sampling import SamplingParams, probabilities, seeded_generator
 from llmcad.tree import TokenTree
 
 
@@ -96,8 +96,9 @@ class SpeculativeDecoder:
         self.draft, self.draft_cache = draft, draft_cache
         self.limits, self.params = limits, params
         self.on_verify = on_verify
-        self.generator = torch.Generator()
-        self.generator.manual_seed(params.seed if params.seed is not None else torch.seed())
+        self.generator = seeded_generator(params.seed)
+        # greedy drafting ranks tokens by the draft's plain softmax
+        self.draft_params = SamplingParams(1.0) if params.greedy else params
         self.stats = SpeculationStats()
 
     def generate(self, prompt: Sequence[int]) -> Generator[int, None, None]:
@@ -131,7 +132,7 @@ class SpeculativeDecoder:
         catch_up = committed[draft_len:]  # committed tokens the draft has not seen, root last
         logits = self.draft(torch.tensor(catch_up), torch.arange(draft_len, prefix + 1), self.draft_cache, draft_len, last_only=True)
         self.stats.draft_passes += 1
-        slots = {0: _Slots(probabilities(logits[-1], self._draft_params), limits)}
+        slots = {0: _Slots(probabilities(logits[-1], self.draft_params), limits)}
         heap: list[tuple[float, int, int]] = []
         self._offer(heap, tree, slots, 0, 0)
         drafted_upto = 1
@@ -152,14 +153,9 @@ class SpeculativeDecoder:
             drafted_upto = rows.stop
             for row, node in enumerate(batch):
                 if tree.depths[node] < limits.max_depth:
-                    slots[node] = _Slots(probabilities(logits[row], self._draft_params), limits)
+                    slots[node] = _Slots(probabilities(logits[row], self.draft_params), limits)
                     self._offer(heap, tree, slots, node, 0)
         return tree, slots, drafted_upto
-
-    @property
-    def _draft_params(self) -> SamplingParams:
-        # greedy drafting ranks tokens by the draft's plain softmax
-        return SamplingParams(1.0) if self.params.greedy else self.params
 
     @staticmethod
     def _offer(heap: list, tree: TokenTree, slots: dict[int, _Slots], node: int, j: int) -> None:
