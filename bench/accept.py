@@ -28,7 +28,7 @@ from llmcad.engine import Engine
 from llmcad.hub import DEFAULT_DRAFT, DEFAULT_TARGET
 from llmcad.speculative import TreeLimits
 
-DEFAULT_CONFIGS = "ar,sd-2,sd-4,sd-8,tree-8,tree-16,tree-32,tree-64"
+DEFAULT_CONFIGS = "ar,sd-2,sd-4,sd-8,tree-8,tree-16,tree-32,tree-48"
 
 
 def tree_limits(nodes: int) -> TreeLimits:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 
@@ -49,9 +50,11 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=None, metavar="S")
     gen.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop string (repeatable)")
     gen.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-sequence tokens")
-    gen.add_argument("--precision", choices=PRECISIONS, default=None, help="target compute precision (default: int8 alone, fp32 with a draft: int8 verification is not exactly lossless)")
+    gen.add_argument("--precision", choices=PRECISIONS, default="int8", help="target compute and storage precision (default: %(default)s)")
     gen.add_argument("--draft-precision", choices=PRECISIONS, default="int8", help="draft compute precision (default: %(default)s)")
-    gen.add_argument("--max-context", type=int, default=4096, metavar="N", help="KV cache size in tokens")
+    gen.add_argument("--memory-budget", default=None, metavar="SIZE", help="memory for the whole process, e.g. 1.5GB or 1000MB: the target is streamed from storage, keeping resident what fits (default: no limit, all resident)")
+    gen.add_argument("--keep-page-cache", action="store_true", help="leave streamed pages in the OS page cache (default: drop them after use, as a device without spare RAM would)")
+    gen.add_argument("--max-context", type=int, default=None, metavar="N", help="KV cache size in tokens (default: 4096; under a budget the largest of 4096, 2048, 1024, 512 that fits)")
     gen.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     gen.set_defaults(run=_generate)
 
@@ -59,6 +62,12 @@ def _parser() -> argparse.ArgumentParser:
     info.add_argument("model", metavar="MODEL", help="GGUF file, HF folder or alias")
     info.add_argument("--json", action="store_true")
     info.set_defaults(run=_info)
+
+    conv = commands.add_parser("convert", help="write a model's layer store (the layout the target is streamed from)")
+    conv.add_argument("model", metavar="MODEL", help="GGUF file, HF folder or alias")
+    conv.add_argument("--out", default=None, metavar="DIR", help="store folder (default: the cache under LLMCAD_HOME that generate uses)")
+    conv.add_argument("--precision", choices=PRECISIONS, default="int8", help="storage and compute precision (default: %(default)s)")
+    conv.set_defaults(run=_convert)
 
     pull = commands.add_parser("pull", help="download and verify default models")
     pull.add_argument("aliases", nargs="*", metavar="ALIAS", help=f"default: {hub.DEFAULT_DRAFT} {hub.DEFAULT_TARGET}")
@@ -78,8 +87,12 @@ def _generate(args: argparse.Namespace) -> int:
         precision=args.precision,
         draft_precision=args.draft_precision,
         max_context=args.max_context,
+        memory_budget=args.memory_budget,
+        keep_page_cache=args.keep_page_cache,
         progress=progress,
     )
+    if args.memory_budget is not None:
+        print(engine.plan.describe(), file=sys.stderr)
     limits = (
         TreeLimits.linear(args.draft_tokens)
         if engine.mode == "sd"
@@ -99,7 +112,7 @@ def _generate(args: argparse.Namespace) -> int:
     )
     if args.json:
         result = engine.generate(ids, **options)
-        print(json.dumps(result.to_dict(), ensure_ascii=False))
+        print(json.dumps({**result.to_dict(), "memory_plan": dataclasses.asdict(engine.plan)}, ensure_ascii=False))
         return 0
     for piece in engine.stream(ids, **options):
         sys.stdout.write(piece.text)
@@ -111,6 +124,9 @@ def _generate(args: argparse.Namespace) -> int:
     )
     if "verifications" in s.extra:
         line += f" | {s.extra['tokens_per_verification']:.2f} tokens per verification ({s.extra['verifications']} verifications)"
+    if s.extra.get("bytes_read"):
+        passes = max(1, s.extra["target_passes"])
+        line += f" | streamed: {s.extra['bytes_read'] / passes / 2**20:.0f} MB per pass, waited on IO {s.extra['io_wait_s']:.1f} s"
     print(f"{line} | finish: {piece.finish_reason} | peak RSS: {s.peak_rss_mb:.0f} MB", file=sys.stderr)
     return 0
 
@@ -154,6 +170,19 @@ def _info(args: argparse.Namespace) -> int:
             elif key == "file_bytes":
                 value = f"{value / 1e6:.1f} MB"
             print(f"{key:<{width}}  {value}")
+    return 0
+
+
+def _convert(args: argparse.Namespace) -> int:
+    from llmcad.store import LayerStore, convert, store_path
+    from llmcad.weights import open_checkpoint
+
+    progress = sys.stderr.isatty()
+    ckpt = open_checkpoint(hub.resolve_model(args.model, progress=progress))
+    out = args.out or store_path(ckpt, args.precision)
+    store = LayerStore.open(convert(ckpt, out, args.precision, progress), verify=False)
+    size = sum(f["bytes"] for f in store.files.values())
+    print(f"{store.path}: {store.config.num_layers} layers of {store.layer_layout.nbytes / 2**20:.1f} MB, {size / 2**20:.0f} MB in all ({args.precision})")
     return 0
 
 

@@ -6,22 +6,26 @@ import os
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
+import torch
+
+from llmcad.budget import MemoryPlan, activation_bytes, parse_size, plan_memory
 from llmcad.errors import LlmcadError
 from llmcad.generate import Generation, GenerationStats, Piece, autoregressive, stream_text
 from llmcad.hub import DEFAULT_TARGET, resolve_model
-from llmcad.model import KVCache, Transformer
+from llmcad.model import ROW_CHUNK, KVCache, Transformer
 from llmcad.sampling import Sampler, SamplingParams
 from llmcad.speculative import SpeculativeDecoder, TreeLimits
-from llmcad.tokenizer import Tokenizer
+from llmcad.store import LayerStore, ensure_store
+from llmcad.streaming import StreamedTransformer
 from llmcad.tree import TokenTree
 from llmcad.weights import Checkpoint, load_model, open_checkpoint
 
 DEFAULT_PRECISION = "int8"
 DEFAULT_MAX_CONTEXT = 4096
+CONTEXTS_UNDER_BUDGET = (4096, 2048, 1024, 512)  # tried in turn when a budget is set and no context is
 MODES = ("ar", "sd", "tree")
-TREE_SLOTS = 256  # cache slots beyond the context reserved for a token tree under verification
+TREE_SLOTS = 64  # cache slots beyond the context reserved for a token tree under verification
 DEFAULT_LIMITS = {"sd": TreeLimits.linear(4), "tree": TreeLimits()}
 
 
@@ -33,25 +37,26 @@ class Draft:
 
 
 class Engine:
-    """A loaded target (and optional draft) ready to generate. One generation runs at a time;
-    a second caller waits for the first to finish (generations are serialized)."""
+    """A loaded target (streamed from its layer store under a memory plan) and an optional
+    resident draft, ready to generate. One generation runs at a time; a second caller waits
+    for the first to finish (generations are serialized)."""
 
     def __init__(
         self,
-        model: Transformer,
-        tokenizer: Tokenizer,
-        checkpoint: Checkpoint,
-        precision: str,
+        model: StreamedTransformer,
+        store: LayerStore,
         max_context: int,
         draft: Draft | None = None,
         mode: str | None = None,
     ):
+        tokenizer = store.tokenizer
         if tokenizer.vocab_size > model.config.vocab_size:
             raise LlmcadError(
-                f"{checkpoint.path}: tokenizer has {tokenizer.vocab_size} tokens but the model only {model.config.vocab_size}"
+                f"{store.path}: tokenizer has {tokenizer.vocab_size} tokens but the model only {model.config.vocab_size}"
             )
-        self.model, self.tokenizer, self.checkpoint = model, tokenizer, checkpoint
-        self.precision = precision
+        self.model, self.tokenizer, self.store = model, tokenizer, store
+        self.precision = store.precision
+        self.plan: MemoryPlan = model.plan
         self.max_context = max_context
         self.cache = KVCache(model.config, max_context + TREE_SLOTS)
         self.draft = draft
@@ -66,36 +71,81 @@ class Engine:
         *,
         draft: str | os.PathLike | None = None,
         mode: str | None = None,
-        precision: str | None = None,
-        draft_precision: str = "int8",
-        max_context: int = DEFAULT_MAX_CONTEXT,
+        precision: str = DEFAULT_PRECISION,
+        draft_precision: str = DEFAULT_PRECISION,
+        max_context: int | None = None,
+        memory_budget: int | str | None = None,
+        keep_page_cache: bool = False,
         progress: bool = True,
     ) -> Engine:
-        """Load `target` (and `draft`): GGUF files, Hugging Face folders or default aliases
-        (fetched on first use). `mode` is the default decoding mode: "ar" (target alone),
-        "sd" (linear draft) or "tree".
+        """Load `target` (and `draft`): GGUF files, Hugging Face folders, layer stores or
+        default aliases (fetched on first use). The target is converted once to a layer
+        store in `precision` (cached under LLMCAD_HOME) and streamed from it; the draft is
+        loaded resident. `mode` is the default decoding mode: "ar" (target alone), "sd"
+        (linear draft) or "tree".
 
-        `precision` is the target's: "int8" by default when it runs alone, "fp32" when it
-        verifies a draft. int8 quantizes activations per call over all rows at once, so a
-        row's result depends on the other rows in the pass: a verified tree can then differ
-        from the target's own one-token-at-a-time output. fp32 keeps speculation lossless."""
-        precision = precision or ("fp32" if draft is not None else DEFAULT_PRECISION)
-        checkpoint = open_checkpoint(resolve_model(target, progress=progress))
-        tokenizer = checkpoint.tokenizer
-        max_context = min(max_context, checkpoint.config.max_position_embeddings)
-        draft_state = None
+        `memory_budget` (bytes, or text such as "1.5GB") bounds the whole process: the
+        engine keeps as much of the target resident as fits and streams the rest; None
+        keeps everything resident. `max_context` defaults to 4096 tokens, or under a budget
+        to the largest of 4096, 2048, 1024, 512 that fits. Pages read while streaming are
+        dropped from the OS page cache unless `keep_page_cache`."""
+        budget = None if memory_budget is None else parse_size(memory_budget)
+        runtime = current_rss()
+        store = open_store(target, precision, progress)
+        config = store.config
+        draft_state, draft_bytes, limit = None, 0, config.max_position_embeddings
         if draft is not None:
             draft_ckpt = open_checkpoint(resolve_model(draft, progress=progress))
-            _check_same_vocabulary(checkpoint, draft_ckpt)
+            _check_same_vocabulary(store, draft_ckpt)
             draft_model = load_model(draft_ckpt, draft_precision, progress=progress)
-            max_context = min(max_context, draft_ckpt.config.max_position_embeddings)
-            draft_state = Draft(draft_model, draft_ckpt, KVCache(draft_model.config, max_context + TREE_SLOTS))
-        model = load_model(checkpoint, precision, progress=progress)
-        return cls(model, tokenizer, checkpoint, precision, max_context, draft_state, mode)
+            draft_bytes = _tensor_bytes(draft_model)
+            limit = min(limit, draft_ckpt.config.max_position_embeddings)
+            draft_state = Draft(draft_model, draft_ckpt, None)
+        if max_context or budget is None:
+            contexts = [min(max_context or DEFAULT_MAX_CONTEXT, limit)]
+        else:
+            contexts = sorted({min(c, limit) for c in CONTEXTS_UNDER_BUDGET}, reverse=True)
+        models = [config] + ([draft_state.model.config] if draft_state else [])
+        for context in contexts:
+            try:
+                plan = plan_memory(
+                    config,
+                    budget,
+                    layer_bytes=store.layer_layout.nbytes,
+                    head_bytes=store.head_layout.nbytes,
+                    embed_bytes=store.embed_layout.nbytes,
+                    runtime=runtime,
+                    draft=draft_bytes,
+                    kv_cache=sum(KVCache.bytes_for(c, context + TREE_SLOTS) for c in models),
+                    activations=sum(activation_bytes(c, context + TREE_SLOTS, ROW_CHUNK, TREE_SLOTS) for c in models),
+                )
+                break
+            except LlmcadError:
+                if context == contexts[-1]:
+                    raise
+        if draft_state is not None:
+            draft_state.cache = KVCache(draft_state.model.config, context + TREE_SLOTS)
+        model = StreamedTransformer(store, plan, drop_page_cache=not keep_page_cache)
+        if plan.bytes_per_pass and torch.get_num_threads() > 1:
+            # The reader keeps a core busy copying pages; compute threads that share it with
+            # the reader stall each other at every parallel barrier (measured on 2 cores:
+            # 0.61 tok/s with 2 compute threads, 1.02 with 1).
+            torch.set_num_threads(torch.get_num_threads() - 1)
+        return cls(model, store, context, draft_state, mode)
+
+    def close(self) -> None:
+        """Stop the background reader (the engine cannot generate afterwards)."""
+        self.model.close()
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     @property
     def name(self) -> str:
-        return Path(self.checkpoint.path).name
+        return self.store.name
 
     def stream(
         self,
@@ -129,6 +179,7 @@ class Engine:
     def _stream(self, ids, params, mode, limits, on_verify, max_tokens, stop, ignore_eos) -> Iterator[Piece]:
         with self.lock:
             stats = GenerationStats(prompt_tokens=len(ids), extra={"mode": mode, "precision": self.precision})
+            io_before = self.model.io.snapshot()
             if mode == "ar":
                 decoder, tokens = None, autoregressive(self.model, self.cache, ids, Sampler(params))
             else:
@@ -136,8 +187,10 @@ class Engine:
                 decoder = SpeculativeDecoder(self.model, self.cache, d.model, d.cache, limits, params, on_verify)
                 tokens = decoder.generate(ids)
             for piece in stream_text(tokens, self.tokenizer, stats, max_tokens=max_tokens, stop=stop, ignore_eos=ignore_eos):
-                if piece.stats is not None and decoder is not None:
-                    piece.stats.extra.update(decoder.stats.summary())
+                if piece.stats is not None:
+                    piece.stats.extra.update(self.model.io.since(io_before))
+                    if decoder is not None:
+                        piece.stats.extra.update(decoder.stats.summary())
                 yield piece
 
     def generate(self, prompt: str | Sequence[int], **options) -> Generation:
@@ -182,7 +235,29 @@ class Engine:
             )
 
 
-def _check_same_vocabulary(target: Checkpoint, draft: Checkpoint) -> None:
+def open_store(target: str | os.PathLike, precision: str, progress: bool) -> LayerStore:
+    """The layer store of `target`: a store folder as is, else a model converted (once, then cached)."""
+    path = resolve_model(target, progress=progress)
+    if (path / "manifest.json").is_file():
+        return LayerStore.open(path, progress=progress)
+    return ensure_store(open_checkpoint(path), precision, progress)
+
+
+def current_rss() -> int:
+    """This process's resident memory now, in bytes."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _tensor_bytes(module: torch.nn.Module) -> int:
+    """Bytes of every tensor `module` holds (parameters, buffers and plain tensor attributes)."""
+    tensors = {t.data_ptr(): t.nbytes for t in [*module.parameters(), *module.buffers()]}
+    for m in module.modules():
+        tensors.update((v.data_ptr(), v.nbytes) for v in vars(m).values() if isinstance(v, torch.Tensor))
+    return sum(tensors.values())
+
+
+def _check_same_vocabulary(target: LayerStore, draft: Checkpoint) -> None:
     """Speculation compares token ids, so both models must mean the same thing by each id."""
     problem = None
     if target.config.vocab_size != draft.config.vocab_size:
@@ -190,4 +265,4 @@ def _check_same_vocabulary(target: Checkpoint, draft: Checkpoint) -> None:
     elif target.tokenizer.backend.get_vocab(True) != draft.tokenizer.backend.get_vocab(True):
         problem = "their tokenizers map tokens to different ids"
     if problem:
-        raise LlmcadError(f"draft {draft.path.name} cannot draft for target {target.path.name}: {problem}")
+        raise LlmcadError(f"draft {draft.path.name} cannot draft for target {target.name}: {problem}")

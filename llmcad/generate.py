@@ -160,6 +160,12 @@ def stream_text(
 
 
 def peak_rss_mb() -> float:
-    """The process's peak resident set size so far, in MiB."""
+    """The process's peak resident set size so far, in MiB. On Linux this is VmHWM, which
+    starts afresh at exec (ru_maxrss keeps the peak of the process that forked it)."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
+    except (OSError, StopIteration):
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / (1 << 20) if sys.platform == "darwin" else peak / 1024

@@ -94,19 +94,26 @@ class GGUFFile:
             tensors.append(GGUFTensor(name, shape, kind, start, nbytes))
         return fields, tensors
 
-    def dequantize(self, tensor: GGUFTensor) -> np.ndarray:
-        """The tensor as float32, in its numpy shape."""
-        raw = np.empty(tensor.nbytes, dtype=np.uint8)
+    def dequantize(self, tensor: GGUFTensor, rows: slice | None = None) -> np.ndarray:
+        """The tensor as float32, in its numpy shape; only `rows` of a 2-D tensor if given
+        (GGUF quantizes each row on its own, so a row range is a byte range)."""
+        shape = tensor.shape
+        row_bytes = tensor.nbytes // max(1, int(np.prod(shape[:-1])))
+        offset, nbytes = tensor.offset, tensor.nbytes
+        if rows is not None:
+            start, stop, _ = rows.indices(shape[0])
+            shape = (stop - start, *shape[1:])
+            offset, nbytes = offset + start * row_bytes, (stop - start) * row_bytes
+        raw = np.empty(nbytes, dtype=np.uint8)
         view, done = memoryview(raw), 0
         with open(self.path, "rb", buffering=0) as f:
-            f.seek(tensor.offset)
-            while done < tensor.nbytes and (n := f.readinto(view[done:])):
+            f.seek(offset)
+            while done < nbytes and (n := f.readinto(view[done:])):
                 done += n
-        if done != tensor.nbytes:
+        if done != nbytes:
             raise LlmcadError(f"{self.path}: short read of tensor {tensor.name} (file truncated?)")
-        rows = raw.reshape(-1, tensor.nbytes // max(1, int(np.prod(tensor.shape[:-1]))))
         try:
-            return np.asarray(dequantize(rows, tensor.type), dtype=np.float32).reshape(tensor.shape)
+            return np.asarray(dequantize(raw.reshape(-1, row_bytes), tensor.type), dtype=np.float32).reshape(shape)
         except NotImplementedError:
             raise LlmcadError(f"{self.path}: tensor {tensor.name} has unsupported type {tensor.type.name}") from None
 

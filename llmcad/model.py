@@ -17,6 +17,9 @@ from torch import nn
 from llmcad.config import ModelConfig
 
 
+ROW_CHUNK = 64  # tokens run through a layer at a time: bounds activation memory for long prompts
+
+
 class KVCache:
     """Keys and values for every layer, preallocated for `max_len` slots."""
 
@@ -29,6 +32,10 @@ class KVCache:
     @property
     def nbytes(self) -> int:
         return self.k.nbytes + self.v.nbytes
+
+    @staticmethod
+    def bytes_for(config: ModelConfig, max_len: int, dtype: torch.dtype = torch.float32) -> int:
+        return 2 * config.num_layers * config.num_kv_heads * max_len * config.head_dim * dtype.itemsize
 
     def move(self, src: torch.Tensor, dst_start: int) -> None:
         """Copy the entries at slots `src` to slots `dst_start, dst_start + 1, ...` in place.
@@ -82,15 +89,22 @@ class Attention(nn.Module):
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         """Grouped-query attention: the query heads sharing a KV head are stacked as one
-        matrix, so keys and values are never repeated. q: [T, H, D]; k, v: [KV, S, D]."""
+        matrix, so keys and values are never repeated. q: [T, H, D]; k, v: [KV, S, D].
+
+        Computed in float64 and rounded to float32: a matmul's summation order depends on
+        how many rows and cache slots it sees, so in float32 a token's attention output
+        differs in its last bits between a one-token decode step and a tree verification
+        pass. In float64 those differences vanish in the rounding back to float32 (all but
+        certainly), so a token's result does not depend on what else is in the pass; with
+        int8 linears, whose rows are already independent, verification is then exact."""
         n, kv, group, dim = q.shape[0], self.num_kv_heads, self.num_heads // self.num_kv_heads, self.head_dim
-        q = q.view(n, kv, group, dim).permute(1, 2, 0, 3).reshape(kv, group * n, dim)
-        scores = (q @ k.transpose(1, 2)).mul_(dim**-0.5).view(kv, group, n, -1)
+        q = q.double().view(n, kv, group, dim).permute(1, 2, 0, 3).reshape(kv, group * n, dim)
+        scores = (q @ k.double().transpose(1, 2)).mul_(dim**-0.5).view(kv, group, n, -1)
         if mask is not None:
             scores.masked_fill_(~mask, float("-inf"))
         probs = torch.softmax(scores, dim=-1).view(kv, group * n, -1)
-        out = (probs @ v).view(kv, group, n, dim).permute(2, 0, 1, 3)
-        return out.reshape(n, kv * group * dim)
+        out = (probs @ v.double()).view(kv, group, n, dim).permute(2, 0, 1, 3)
+        return out.reshape(n, kv * group * dim).float()
 
 
 class MLP(nn.Module):
@@ -155,7 +169,10 @@ class Transformer(nn.Module):
         cos, sin = angles.cos(), angles.sin()
         x = self.embed_tokens(tokens)
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, cache.k[i], cache.v[i], start, mask)
+            for a in range(0, n, ROW_CHUNK):  # bounded activations for long prompts
+                rows = slice(a, min(n, a + ROW_CHUNK))
+                part_mask = None if mask is None else mask[rows, : start + rows.stop]
+                x[rows] = layer(x[rows], cos[rows], sin[rows], cache.k[i], cache.v[i], start + a, part_mask)
         if last_only:
             x = x[-1:]
         return self.lm_head(self.norm(x))

@@ -1,28 +1,27 @@
 """Compute precisions: fp32 (the exact reference) and int8.
 
-int8 stores every linear weight as int8 with one fp32 scale per output channel and runs
-it through PyTorch's dynamic-quantized linear (fbgemm on x86: int8 weights, activations
-quantized per call), which on this class of CPU is several times faster than fp32 at
-batch 1 and still 3-6x at batch 16-64. The token embedding keeps the same int8 rows and
-scales and dequantizes only the rows a step looks up.
+int8 stores every linear weight as int8 with one fp32 scale per output channel. At run
+time each activation row is quantized to int8 with its own scale (symmetric, per token),
+multiplied in integers (`torch._int_mm`, exact int32 accumulation) and rescaled. Every
+step of that is per row, so a row's result does not depend on the other rows in the pass:
+verifying a token tree in one pass gives bit for bit what one-token-at-a-time decoding
+gives, and speculation with an int8 target stays lossless.
 
-Activations are quantized to the full 8 bits (reduce_range=False): on Qwen2.5-Coder-0.5B
-that kept mean log-likelihood at -2.25 against fp32's -2.16 on a code text, where 7-bit
-activations (reduce_range=True) fell to -2.43.
+On a 2-core AVX2 CPU, `_int_mm` against the weight's transposed view takes 0.63 ms for a
+1536x8960 matrix at one row (fp32: 1.22 ms) and 0.92 ms at 17 rows (fp32: 4.5 ms). The
+weights are plain int8 tensors, so a layer streamed from storage is used as read, with no
+per-pass packing (fbgemm's prepacking costs 114 ms for the same matrix).
+
+The token embedding keeps the same int8 rows and scales and dequantizes only the rows a
+step looks up.
 """
 
 from __future__ import annotations
-
-import warnings
 
 import torch
 from torch import nn
 
 PRECISIONS = ("fp32", "int8")
-
-# PyTorch flags its quantized-tensor constructors as deprecated; they remain the public
-# route to the fbgemm kernels in this release.
-warnings.filterwarnings("ignore", message=".*quantize_per_channel.*")
 
 
 def quantize_rows(weight: torch.Tensor, chunk: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
@@ -36,27 +35,43 @@ def quantize_rows(weight: torch.Tensor, chunk: int = 4096) -> tuple[torch.Tensor
     return q, scale.float()
 
 
-class Int8Linear(nn.Module):
-    """y = x W^T + b with W in per-channel int8, through fbgemm's dynamic int8 GEMM."""
+def int8_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x [M, K] fp32 times int8 `weight` [N, K] (per-row `scale` [N]) -> [M, N] fp32.
+    Activations are quantized per row, so each output row depends only on its input row."""
+    x_scale = x.abs().amax(-1, keepdim=True).clamp_(min=1e-12) / 127.0
+    xq = torch.round(x / x_scale).to(torch.int8)
+    return torch._int_mm(xq, weight.t()).float().mul_(x_scale * scale)
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+
+class Int8Linear(nn.Module):
+    """y = x W^T + b with W as per-channel int8 (`weight` int8 [out, in], `scale` fp32 [out])."""
+
+    def __init__(self, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None):
         super().__init__()
+        self.weight, self.scale, self.bias = weight, scale, bias
+        self.out_features, self.in_features = weight.shape
+
+    @classmethod
+    def quantize(cls, weight: torch.Tensor, bias: torch.Tensor | None = None) -> Int8Linear:
         q, scale = quantize_rows(weight.float())
-        zero = torch.zeros(q.shape[0], dtype=torch.long)
-        qweight = torch._make_per_channel_quantized_tensor(q, scale.double(), zero, 0)
-        self.packed = torch.ops.quantized.linear_prepack(qweight, None if bias is None else bias.float())
-        self.in_features, self.out_features = weight.shape[1], weight.shape[0]
+        return cls(q, scale, None if bias is None else bias.float())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        y = torch.ops.quantized.linear_dynamic(x.reshape(-1, shape[-1]), self.packed, False)
+        y = int8_matmul(x.reshape(-1, shape[-1]), self.weight, self.scale)
+        if self.bias is not None:
+            y += self.bias
         return y.view(*shape[:-1], self.out_features)
 
 
 class Int8Embedding(nn.Module):
-    def __init__(self, weight: torch.Tensor):
+    def __init__(self, weight: torch.Tensor, scale: torch.Tensor):
         super().__init__()
-        self.weight, self.scale = quantize_rows(weight.float())
+        self.weight, self.scale = weight, scale
+
+    @classmethod
+    def quantize(cls, weight: torch.Tensor) -> Int8Embedding:
+        return cls(*quantize_rows(weight.float()))
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return self.weight[ids].float() * self.scale[ids, None]
@@ -67,7 +82,7 @@ def to_precision(module: nn.Module, precision: str) -> nn.Module:
     if precision == "fp32":
         return module
     if isinstance(module, nn.Linear):
-        return Int8Linear(module.weight.data, None if module.bias is None else module.bias.data)
+        return Int8Linear.quantize(module.weight.data, None if module.bias is None else module.bias.data)
     if isinstance(module, nn.Embedding):
-        return Int8Embedding(module.weight.data)
+        return Int8Embedding.quantize(module.weight.data)
     return module

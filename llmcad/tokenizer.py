@@ -161,6 +161,23 @@ class Tokenizer:
         except jinja2.TemplateError as e:
             raise LlmcadError(f"{self.source}: chat template: {e}") from e
 
+    def save(self, folder: Path) -> None:
+        """Write tokenizer.json, tokenizer_config.json and generation_config.json, which
+        `from_hf_folder` reads back as this same tokenizer."""
+        folder = Path(folder)
+        self.backend.save(str(folder / "tokenizer.json"))
+        def name(token_id: int | None) -> str | None:
+            return None if token_id is None else self.backend.id_to_token(token_id)
+
+        config = {
+            "bos_token": name(self.bos_token_id),
+            "eos_token": name(self.eos_token_id),
+            "pad_token": name(self.pad_token_id),
+            "chat_template": self.chat_template,
+        }
+        (folder / "tokenizer_config.json").write_text(json.dumps(config, ensure_ascii=False, indent=1))
+        (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": sorted(self.eos_token_ids)}))
+
     @classmethod
     def from_hf_folder(cls, path: Path) -> Tokenizer:
         """Read tokenizer.json, tokenizer_config.json, chat_template.jinja and generation_config.json."""

@@ -8,7 +8,7 @@ ever holding a second full copy.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Container, Iterator
 from dataclasses import dataclass, replace
 from functools import cached_property
 from pathlib import Path
@@ -52,9 +52,30 @@ class Checkpoint:
     tensor_count: int
     gguf: GGUFFile | None = None  # None for a Hugging Face folder
 
-    def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """(name, fp32 tensor) pairs, one tensor in memory at a time."""
-        return _gguf_tensors(self) if self.gguf is not None else _hf_tensors(self.path)
+    def tensors(self, skip: Container[str] = ()) -> Iterator[tuple[str, torch.Tensor]]:
+        """(name, fp32 tensor) pairs, one tensor in memory at a time; names in `skip` are not read."""
+        return _gguf_tensors(self, skip) if self.gguf is not None else _hf_tensors(self.path, skip)
+
+    def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows `start:stop` of the 2-D tensor `name` in fp32: a 150k-row embedding is
+        converted a slice at a time."""
+        if self.gguf is None:
+            return _hf_rows(self.path, name, start, stop)
+        gguf_name = {v: k for k, v in GGUF_NAMES.items()}[name.removesuffix(".weight")] + ".weight"
+        tensor = next((t for t in self.gguf.tensors if t.name == gguf_name), None)
+        if tensor is None:
+            raise LlmcadError(f"{self.path}: no tensor {gguf_name}")
+        return torch.from_numpy(self.gguf.dequantize(tensor, slice(start, stop)))
+
+    def tensor_names(self) -> list[tuple[str, tuple[int, ...]]]:
+        """(name, shape) of every tensor, under Hugging Face names."""
+        if self.gguf is not None:
+            return [(_gguf_name(t.name), t.shape) for t in self.gguf.tensors if t.name != "rope_freqs.weight"]
+        out = []
+        for file in _safetensors_files(self.path):
+            with safe_open(file, framework="pt") as f:
+                out += [(k.removeprefix("model."), tuple(f.get_slice(k).get_shape())) for k in f.keys()]
+        return out
 
     @property
     def format(self) -> str:
@@ -164,15 +185,28 @@ def _safetensors_files(folder: Path) -> list[Path]:
     return files
 
 
-def _hf_tensors(folder: Path) -> Iterator[tuple[str, torch.Tensor]]:
+def _hf_tensors(folder: Path, skip: Container[str]) -> Iterator[tuple[str, torch.Tensor]]:
     for file in _safetensors_files(folder):
         try:
             with safe_open(file, framework="pt") as f:
                 for key in f.keys():
                     name = key.removeprefix("model.")
-                    yield name, f.get_tensor(key).to(torch.float32)
+                    if name not in skip:
+                        yield name, f.get_tensor(key).to(torch.float32)
         except (SafetensorError, OSError, RuntimeError) as e:
             raise LlmcadError(f"{file}: unreadable safetensors file ({e})") from None
+
+
+def _hf_rows(folder: Path, name: str, start: int, stop: int) -> torch.Tensor:
+    for file in _safetensors_files(folder):
+        try:
+            with safe_open(file, framework="pt") as f:
+                key = next((k for k in f.keys() if k.removeprefix("model.") == name), None)
+                if key is not None:
+                    return f.get_slice(key)[start:stop].to(torch.float32)
+        except (SafetensorError, OSError, RuntimeError) as e:
+            raise LlmcadError(f"{file}: unreadable safetensors file ({e})") from None
+    raise LlmcadError(f"{folder}: no tensor {name}")
 
 
 # ---- GGUF files -------------------------------------------------------------------------
@@ -192,16 +226,19 @@ def _with_freq_factors(config: ModelConfig, factors: list[float]) -> ModelConfig
     return replace(config, rope_scaling={"rope_type": "freq_factors", "factors": factors})
 
 
-def _gguf_tensors(ckpt: Checkpoint) -> Iterator[tuple[str, torch.Tensor]]:
+def _gguf_name(gguf_name: str) -> str:
+    parts = gguf_name.split(".")
+    if parts[0] == "blk":
+        return f"layers.{parts[1]}.{GGUF_NAMES.get(parts[2], parts[2])}.{parts[3]}"
+    return f"{GGUF_NAMES.get(parts[0], parts[0])}.{parts[1]}"
+
+
+def _gguf_tensors(ckpt: Checkpoint, skip: Container[str]) -> Iterator[tuple[str, torch.Tensor]]:
     config = ckpt.config
     for t in ckpt.gguf.tensors:
-        if t.name == "rope_freqs.weight":
+        name = _gguf_name(t.name)
+        if t.name == "rope_freqs.weight" or name in skip:
             continue
-        parts = t.name.split(".")
-        if parts[0] == "blk":
-            name = f"layers.{parts[1]}.{GGUF_NAMES.get(parts[2], parts[2])}.{parts[3]}"
-        else:
-            name = f"{GGUF_NAMES.get(parts[0], parts[0])}.{parts[1]}"
         tensor = torch.from_numpy(ckpt.gguf.dequantize(t))
         if config.arch == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
             heads = config.num_heads if "q_proj" in name else config.num_kv_heads

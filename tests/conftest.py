@@ -150,6 +150,16 @@ def write_gguf(folder: Path, out: Path, qtypes: dict[str, str]) -> Path:
     return out
 
 
+@pytest.fixture(scope="session", autouse=True)
+def store_cache(tmp_path_factory) -> Path:
+    """Layer stores converted during the tests go to a temporary folder, not the user's cache."""
+    import os
+
+    folder = tmp_path_factory.getbasetemp() / "stores"
+    os.environ["LLMCAD_STORES"] = str(folder)
+    return folder
+
+
 @pytest.fixture(scope="session", params=["llama", "qwen2"])
 def tiny_model(request, tmp_path_factory) -> Path:
     return make_tiny_hf(tmp_path_factory.mktemp(f"tiny-{request.param}"), request.param)

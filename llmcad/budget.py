@@ -1,0 +1,134 @@
+"""The memory plan: how a budget is spent, decided once at start.
+
+budget = runtime (measured: Python, PyTorch, tokenizer) + draft weights + KV caches
+       + activations + headroom + resident target parts + two streaming buffers
+
+Resident target parts are chosen greedily: the output head first (needed every pass, and
+with tied embeddings it also serves embedding lookups), then as many layers as fit, spread
+evenly across the depth so the reader has a resident layer's compute to catch up on. A
+budget that holds everything needs no buffers; one that cannot hold the fixed costs plus
+two buffers is refused with the minimum in the error.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from llmcad.config import ModelConfig
+from llmcad.errors import LlmcadError
+
+MB = 1 << 20
+HEADROOM = 96 * MB  # allocator slack and kernels' first-use workspaces (calibrated in tests/test_budget.py)
+UNITS = {"": 1, "B": 1, "K": 1 << 10, "KB": 1 << 10, "M": MB, "MB": MB, "G": 1 << 30, "GB": 1 << 30}
+
+
+def parse_size(text: str | int) -> int:
+    """Bytes in "1.5GB", "1000MB", "800M" or a plain number of bytes (binary units: 1 MB = 2^20 bytes)."""
+    if isinstance(text, int):
+        return text
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMG]?B?)\s*", str(text).upper())
+    if not match:
+        raise LlmcadError(f"cannot read memory size {text!r} (examples: 1.5GB, 1000MB)")
+    return int(float(match.group(1)) * UNITS[match.group(2)])
+
+
+def activation_bytes(config: ModelConfig, max_len: int, rows: int, logit_rows: int) -> int:
+    """An upper estimate of the activations of one pass: `rows` tokens through a layer at a
+    time over `max_len` cache slots, and `logit_rows` rows of logits."""
+    h, d, heads, kv = config.hidden_size, config.head_dim, config.num_heads, config.num_kv_heads
+    per_layer = rows * (8 * h + 2 * (heads + 2 * kv) * d + 3 * config.intermediate_size)
+    attention = 2 * heads * rows * max_len + 2 * kv * max_len * d  # float64 scores and probabilities, keys and values
+    return 4 * per_layer + 8 * attention + 4 * 2 * logit_rows * config.vocab_size
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    budget: int | None
+    runtime: int
+    draft: int
+    kv_cache: int
+    activations: int
+    layer_bytes: int
+    head_bytes: int
+    embed_bytes: int  # resident embedding, when not shared with a resident head
+    num_layers: int
+    resident_layers: tuple[int, ...]
+    head_resident: bool
+    embed_resident: bool
+    buffer_bytes: int  # each of the two streaming buffers (0: nothing streamed)
+    head_rows_per_chunk: int
+
+    @property
+    def streamed_layers(self) -> int:
+        return self.num_layers - len(self.resident_layers)
+
+    @property
+    def resident_target(self) -> int:
+        return len(self.resident_layers) * self.layer_bytes + self.head_bytes * self.head_resident + self.embed_bytes
+
+    @property
+    def bytes_per_pass(self) -> int:
+        return self.streamed_layers * self.layer_bytes + (0 if self.head_resident else self.head_bytes)
+
+    @property
+    def total(self) -> int:
+        fixed = self.runtime + self.draft + self.kv_cache + self.activations + HEADROOM
+        return fixed + self.resident_target + 2 * self.buffer_bytes
+
+    def describe(self) -> str:
+        budget = "none" if self.budget is None else f"{self.budget / MB:.0f} MB"
+        lines = [
+            f"memory plan (budget {budget}, planned {self.total / MB:.0f} MB):",
+            f"  runtime (measured)     {self.runtime / MB:7.0f} MB",
+            f"  draft weights          {self.draft / MB:7.0f} MB",
+            f"  KV caches              {self.kv_cache / MB:7.0f} MB",
+            f"  activations + headroom {(self.activations + HEADROOM) / MB:7.0f} MB",
+            f"  target resident        {self.resident_target / MB:7.0f} MB: {len(self.resident_layers)}/{self.num_layers} layers"
+            + (", head" if self.head_resident else "")
+            + (", embedding" if self.embed_resident else " (embedding rows read on demand)"),
+            f"  streaming buffers      {2 * self.buffer_bytes / MB:7.0f} MB: 2 x {self.buffer_bytes / MB:.1f} MB",
+            f"  streamed per pass      {self.bytes_per_pass / MB:7.0f} MB: {self.streamed_layers} layers"
+            + ("" if self.head_resident else ", head"),
+        ]
+        return "\n".join(lines)
+
+
+def plan_memory(
+    config: ModelConfig,
+    budget: int | None,
+    *,
+    layer_bytes: int,
+    head_bytes: int,
+    embed_bytes: int,
+    runtime: int,
+    draft: int,
+    kv_cache: int,
+    activations: int,
+) -> MemoryPlan:
+    """Decide what of the target stays resident under `budget` (None: everything)."""
+    n = config.num_layers
+    separate_embed = 0 if config.tie_word_embeddings else embed_bytes
+    rows_per_chunk = max(1, layer_bytes * config.vocab_size // max(1, head_bytes))
+    common = dict(budget=budget, runtime=runtime, draft=draft, kv_cache=kv_cache, activations=activations,
+                  layer_bytes=layer_bytes, head_bytes=head_bytes, num_layers=n, head_rows_per_chunk=rows_per_chunk)
+    everything = MemoryPlan(**common, embed_bytes=separate_embed, resident_layers=tuple(range(n)),
+                            head_resident=True, embed_resident=True, buffer_bytes=0)
+    if budget is None or everything.total <= budget:
+        return everything
+    streaming = MemoryPlan(**common, embed_bytes=0, resident_layers=(), head_resident=False,
+                           embed_resident=False, buffer_bytes=layer_bytes)
+    if streaming.total > budget:
+        raise LlmcadError(
+            f"memory budget {budget / MB:.0f} MB is below the minimum of {streaming.total / MB:.0f} MB for "
+            f"{config.num_layers} layers of {layer_bytes / MB:.1f} MB streamed through 2 buffers (runtime "
+            f"{runtime / MB:.0f} MB, draft {draft / MB:.0f} MB, KV caches {kv_cache / MB:.0f} MB, activations and "
+            f"headroom {(activations + HEADROOM) / MB:.0f} MB); raise the budget or lower --max-context"
+        )
+    spare = budget - streaming.total
+    head_resident = head_bytes <= spare
+    spare -= head_bytes * head_resident
+    k = min(n - 1, spare // layer_bytes) if layer_bytes else 0  # all n resident is `everything`
+    resident = tuple(sorted({int((j + 0.5) * n / k) for j in range(k)})) if k else ()
+    return MemoryPlan(**common, embed_bytes=0, resident_layers=resident, head_resident=head_resident,
+                      embed_resident=False, buffer_bytes=layer_bytes)

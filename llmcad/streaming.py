@@ -1,0 +1,372 @@
+"""The streamed target: layers read from the layer store while earlier layers compute.
+
+A background `LayerReader` reads the non-resident units of a pass (layer files, then chunks
+of head rows) in a fixed cyclic order into two preallocated buffers, one read per unit
+(two for a head chunk: its rows and their scales). The forward pass takes them in the same
+order: while layer i computes from one buffer, layer i+1 is read into the other, and
+after the last unit of a pass the reader goes on with the first units of the next pass.
+Every streamed layer is a `Block` whose tensors are views into its buffer, built once; a
+read refills the memory under the views, so no pass allocates weights. Pages read are
+dropped from the OS page cache after use (`posix_fadvise(DONTNEED)`), unless asked to keep
+them, so that runs measure storage, not RAM a small device would not have.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from llmcad.budget import MemoryPlan
+from llmcad.errors import LlmcadError
+from llmcad.model import Block, RMSNorm, Transformer
+from llmcad.quant import Int8Embedding, Int8Linear
+from llmcad.store import Layout, LayerStore
+
+
+@dataclass(frozen=True)
+class Unit:
+    """Something read once per pass: byte `ranges` (file offset, length, buffer offset) of
+    one file; `header`, if set, must match the buffer's first bytes after the read."""
+
+    path: Path
+    ranges: tuple[tuple[int, int, int], ...]
+    header: bytes | None = None
+
+
+@dataclass
+class IOStats:
+    passes: int = 0
+    bytes_read: int = 0
+    io_s: float = 0.0  # time the reader spent reading
+    io_wait_s: float = 0.0  # time the forward pass waited for a read
+    pass_s: float = 0.0  # forward passes, wall time
+
+    @property
+    def compute_s(self) -> float:
+        return self.pass_s - self.io_wait_s
+
+    def snapshot(self) -> IOStats:
+        return IOStats(self.passes, self.bytes_read, self.io_s, self.io_wait_s, self.pass_s)
+
+    def since(self, before: IOStats) -> dict:
+        return {
+            "target_passes": self.passes - before.passes,
+            "bytes_read": self.bytes_read - before.bytes_read,
+            "io_s": round(self.io_s - before.io_s, 4),
+            "io_wait_s": round(self.io_wait_s - before.io_wait_s, 4),
+            "compute_s": round(self.compute_s - before.compute_s, 4),
+        }
+
+
+def read_unit(unit: Unit, buffer: torch.Tensor, fd: int, drop_page_cache: bool) -> int:
+    """Read `unit` into `buffer`; a short read or a header mismatch is an error naming the file."""
+    view = memoryview(buffer.numpy())
+    total = 0
+    for offset, length, at in unit.ranges:
+        done = 0
+        while done < length:
+            n = os.preadv(fd, [view[at + done : at + length]], offset + done)
+            if n == 0:
+                raise LlmcadError(f"{unit.path}: short read ({done} of {length} bytes at offset {offset}; file truncated?)")
+            done += n
+        if drop_page_cache:
+            os.posix_fadvise(fd, offset, length, os.POSIX_FADV_DONTNEED)
+        total += length
+    if unit.header is not None and bytes(view[: len(unit.header)]) != unit.header:
+        raise LlmcadError(f"{unit.path}: unexpected content (not the layer file this store was written with)")
+    return total
+
+
+class LayerReader:
+    """Reads `units` cyclically into `buffers` (used in rotation) ahead of the consumer."""
+
+    def __init__(self, units: list[Unit], buffers: list[torch.Tensor], stats: IOStats, drop_page_cache: bool = True):
+        self.units, self.buffers, self.stats = units, buffers, stats
+        self.drop_page_cache = drop_page_cache
+        self.fds = {u.path: os.open(u.path, os.O_RDONLY) for u in units}
+        self.cond = threading.Condition()
+        self._start()
+
+    def _start(self) -> None:
+        self.read_pos = self.take_pos = 0  # units read / taken since the start
+        self.error: BaseException | None = None
+        self.stopping = False
+        self.thread = threading.Thread(target=self._run, name="llmcad-reader", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while True:
+            with self.cond:
+                while not self.stopping and self.read_pos - self.take_pos >= len(self.buffers):
+                    self.cond.wait()
+                if self.stopping:
+                    return
+                pos = self.read_pos
+            unit = self.units[pos % len(self.units)]
+            t = time.perf_counter()
+            try:
+                n = read_unit(unit, self.buffers[pos % len(self.buffers)], self.fds[unit.path], self.drop_page_cache)
+            except BaseException as e:  # handed to the consumer, which raises it
+                with self.cond:
+                    self.error = e
+                    self.cond.notify_all()
+                return
+            with self.cond:
+                self.stats.bytes_read += n
+                self.stats.io_s += time.perf_counter() - t
+                self.read_pos += 1
+                self.cond.notify_all()
+
+    def take(self) -> int:
+        """Wait for the next unit in cyclic order; returns the index of the buffer holding it."""
+        t = time.perf_counter()
+        with self.cond:
+            while self.read_pos <= self.take_pos and self.error is None:
+                self.cond.wait()
+            self.stats.io_wait_s += time.perf_counter() - t
+            if self.read_pos <= self.take_pos:
+                error, self.error = self.error, None
+                self._restart_locked()
+                raise error
+            return self.take_pos % len(self.buffers)
+
+    def give_back(self) -> None:
+        """The unit last taken is used up: its buffer may be refilled."""
+        with self.cond:
+            self.take_pos += 1
+            self.cond.notify_all()
+
+    def restart(self) -> None:
+        """Start the cycle over (after a pass was abandoned half-way)."""
+        with self.cond:
+            self._restart_locked()
+
+    def _restart_locked(self) -> None:
+        self.stopping = True
+        self.cond.notify_all()
+        self.cond.release()
+        try:
+            self.thread.join()
+        finally:
+            self.cond.acquire()
+        self._start()
+
+    def close(self) -> None:
+        with self.cond:
+            self.stopping = True
+            self.cond.notify_all()
+        self.thread.join()
+        for fd in self.fds.values():
+            os.close(fd)
+        self.fds = {}
+
+
+def make_block(store: LayerStore, views: dict[str, torch.Tensor]) -> Block:
+    """A transformer layer whose tensors are `views` (into a buffer holding a layer file)."""
+    with torch.device("meta"):
+        block = Block(store.config)
+    for name, module in list(block.named_modules()):
+        if isinstance(module, nn.Linear):
+            weight, bias = views[f"{name}.weight"], views.get(f"{name}.bias")
+            linear = Int8Linear(weight, views[f"{name}.scale"], bias) if store.precision == "int8" else _Linear(weight, bias)
+            parent, _, child = name.rpartition(".")
+            setattr(block.get_submodule(parent), child, linear)
+        elif isinstance(module, RMSNorm):
+            module.weight = nn.Parameter(views[f"{name}.weight"], requires_grad=False)
+    return block
+
+
+class _Linear(nn.Module):
+    """fp32 y = x W^T + b over tensors owned elsewhere."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+        super().__init__()
+        self.weight, self.bias = weight, bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+def _matrix_module(store: LayerStore, views: dict[str, torch.Tensor]) -> nn.Module:
+    return Int8Linear(views["weight"], views["scale"]) if store.precision == "int8" else _Linear(views["weight"], None)
+
+
+class StreamedLayers(nn.Module):
+    """The target's layers for one pass, in order: resident blocks as they are, streamed
+    blocks as views into the buffer the reader filled."""
+
+    def __init__(self, num_layers: int, resident: dict[int, Block], slot_blocks: list[Block], reader: LayerReader | None):
+        super().__init__()
+        self.num_layers = num_layers
+        self.resident = nn.ModuleDict({str(i): b for i, b in resident.items()})
+        self.slot_blocks = slot_blocks
+        self.reader = reader
+
+    def __len__(self) -> int:
+        return self.num_layers
+
+    def __iter__(self):
+        for i in range(self.num_layers):
+            if str(i) in self.resident:
+                yield self.resident[str(i)]
+                continue
+            slot = self.reader.take()
+            try:
+                yield self.slot_blocks[slot]
+            except GeneratorExit:  # the pass was abandoned: the reader is ahead of it
+                self.reader.restart()
+                raise
+            self.reader.give_back()
+
+
+class StreamedHead(nn.Module):
+    """The output head streamed in chunks of vocabulary rows, through the reader's buffers."""
+
+    def __init__(self, chunks: list[tuple[int, int]], slot_modules: list[dict[int, nn.Module]], reader: LayerReader, vocab: int):
+        super().__init__()
+        self.chunks, self.slot_modules, self.reader, self.vocab = chunks, slot_modules, reader, vocab
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.empty(*x.shape[:-1], self.vocab)
+        for start, stop in self.chunks:
+            slot = self.reader.take()
+            try:
+                out[..., start:stop] = self.slot_modules[slot][stop - start](x)
+            except BaseException:
+                self.reader.restart()
+                raise
+            self.reader.give_back()
+        return out
+
+
+class RowEmbedding(nn.Module):
+    """Token embedding read from storage row by row: a step needs only its tokens' rows."""
+
+    def __init__(self, store: LayerStore):
+        super().__init__()
+        layout = store.embed_layout
+        self.path = store.embed_path
+        self.fd = os.open(self.path, os.O_RDONLY)
+        self.dtype, (_, self.dim), self.start, _ = layout.tensors["weight"]
+        self.row_bytes = self.dim * self.dtype.itemsize
+        self.scale = None
+        if "scale" in layout.tensors:  # int8: the per-row scales stay resident (4 bytes a row)
+            _, _, start, end = layout.tensors["scale"]
+            buf = torch.empty(end - start, dtype=torch.uint8)
+            read_unit(Unit(self.path, ((start, end - start, 0),)), buf, self.fd, drop_page_cache=True)
+            self.scale = buf.view(torch.float32)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        rows = torch.empty(len(ids) * self.row_bytes, dtype=torch.uint8)
+        ranges = tuple((self.start + token * self.row_bytes, self.row_bytes, r * self.row_bytes) for r, token in enumerate(ids.tolist()))
+        read_unit(Unit(self.path, ranges), rows, self.fd, drop_page_cache=False)
+        x = rows.view(self.dtype).view(len(ids), self.dim).float()
+        return x * self.scale[ids, None] if self.scale is not None else x
+
+
+class StreamedTransformer(Transformer):
+    """A Transformer assembled from a layer store under a memory plan; `io` counts passes,
+    bytes read and time spent reading, waiting and computing."""
+
+    def __init__(self, store: LayerStore, plan: MemoryPlan, drop_page_cache: bool = True):
+        config = store.config
+        with torch.device("meta"):
+            super().__init__(config)
+        self.inv_freq = config.rope_inv_freq()
+        self.norm.weight = nn.Parameter(store.norm(), requires_grad=False)
+        self.io = IOStats()
+        self.plan = plan
+        layout = store.layer_layout
+        resident = {i: make_block(store, layout.views(_read_file(store.layer_path(i), layout))) for i in plan.resident_layers}
+        units = [Unit(store.layer_path(i), ((0, layout.nbytes, 0),), layout.header) for i in range(config.num_layers) if i not in resident]
+        head = store.head_layout
+        chunks = [] if plan.head_resident else _row_chunks(config.vocab_size, plan.head_rows_per_chunk)
+        units += [_head_unit(store.head_path, head, start, stop) for start, stop in chunks]
+        self.reader = None
+        slot_blocks: list[Block] = []
+        slot_heads: list[dict[int, nn.Module]] = []
+        if units:
+            buffers = [torch.empty(plan.buffer_bytes, dtype=torch.uint8) for _ in range(2)]
+            self.reader = LayerReader(units, buffers, self.io, drop_page_cache)
+            if len(resident) < config.num_layers:
+                slot_blocks = [make_block(store, layout.views(b)) for b in buffers]
+            sizes = {stop - start for start, stop in chunks}
+            slot_heads = [{n: _matrix_module(store, _head_views(head, b, n)) for n in sizes} for b in buffers]
+        self.layers = StreamedLayers(config.num_layers, resident, slot_blocks, self.reader)
+        if plan.head_resident:
+            matrix = _read_file(store.head_path, head)
+            self.lm_head = _matrix_module(store, head.views(matrix))
+        else:
+            self.lm_head = StreamedHead(chunks, slot_heads, self.reader, config.vocab_size)
+        if config.tie_word_embeddings and plan.head_resident:  # lookups from the resident head
+            views = head.views(matrix)
+        elif plan.embed_resident:
+            views = store.embed_layout.views(_read_file(store.embed_path, store.embed_layout))
+        else:
+            views = None
+            self.embed_tokens = RowEmbedding(store)
+        if views is not None:
+            self.embed_tokens = Int8Embedding(views["weight"], views["scale"]) if store.precision == "int8" else _Rows(views["weight"])
+
+    def forward(self, *args, **kwargs) -> torch.Tensor:
+        t = time.perf_counter()
+        try:
+            return super().forward(*args, **kwargs)
+        finally:
+            self.io.passes += 1
+            self.io.pass_s += time.perf_counter() - t
+
+    def close(self) -> None:
+        if self.reader is not None:
+            self.reader.close()
+
+
+class _Rows(nn.Module):
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        self.weight = weight
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.weight[ids]
+
+
+def _read_file(path: Path, layout: Layout) -> torch.Tensor:
+    """A whole store file in a buffer of its own (for resident parts)."""
+    buffer = torch.empty(layout.nbytes, dtype=torch.uint8)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        read_unit(Unit(path, ((0, layout.nbytes, 0),), layout.header), buffer, fd, drop_page_cache=True)
+    finally:
+        os.close(fd)
+    return buffer
+
+
+def _row_chunks(rows: int, per_chunk: int) -> list[tuple[int, int]]:
+    return [(a, min(rows, a + per_chunk)) for a in range(0, rows, per_chunk)]
+
+
+def _head_unit(path: Path, layout: Layout, start: int, stop: int) -> Unit:
+    """Rows start:stop of the head: weight rows at buffer offset 0, then their scales."""
+    dtype, (_, dim), w_start, _ = layout.tensors["weight"]
+    row = dim * dtype.itemsize
+    ranges = [(w_start + start * row, (stop - start) * row, 0)]
+    if "scale" in layout.tensors:
+        s_start = layout.tensors["scale"][2]
+        ranges.append((s_start + start * 4, (stop - start) * 4, (stop - start) * row))
+    return Unit(path, tuple(ranges))
+
+
+def _head_views(layout: Layout, buffer: torch.Tensor, rows: int) -> dict[str, torch.Tensor]:
+    dtype, (_, dim), _, _ = layout.tensors["weight"]
+    n = rows * dim * dtype.itemsize
+    views = {"weight": buffer[:n].view(dtype).view(rows, dim)}
+    if "scale" in layout.tensors:
+        views["scale"] = buffer[n : n + rows * 4].view(torch.float32)
+    return views

@@ -1,0 +1,55 @@
+"""Run a command inside a memory cgroup, as a device with little RAM would run it (the
+approach of ../shared/tools/memlimit: page cache counts against the limit)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import uuid
+from pathlib import Path
+
+
+def cgroup_unavailable() -> str | None:
+    """Why a memory cgroup cannot be made here, or None."""
+    if os.geteuid() != 0:
+        return "memory cgroups need root"
+    if _v1_base() is None and _v2_base() is None:
+        return "no cgroup memory controller (v1 or v2) on this machine"
+    return None
+
+
+def _v1_base() -> Path | None:
+    for line in Path("/proc/self/cgroup").read_text().splitlines():
+        _, controllers, path = line.split(":", 2)
+        if "memory" in controllers.split(",") and Path("/sys/fs/cgroup/memory").is_dir():
+            return Path("/sys/fs/cgroup/memory") / path.lstrip("/")
+    return None
+
+
+def _v2_base() -> Path | None:
+    root = Path("/sys/fs/cgroup")
+    if (root / "cgroup.controllers").is_file() and "memory" in (root / "cgroup.controllers").read_text().split():
+        line = next(l for l in Path("/proc/self/cgroup").read_text().splitlines() if l.startswith("0::"))
+        return root / line.split("::", 1)[1].lstrip("/")
+    return None
+
+
+def run_limited(limit_bytes: int, cmd: list[str], **kwargs) -> tuple[subprocess.CompletedProcess, int]:
+    """Run `cmd` in a new memory cgroup of `limit_bytes`; returns the result and the
+    cgroup's peak usage in bytes (page cache included)."""
+    v1 = _v1_base()
+    group = (v1 or _v2_base()) / f"llmcad-test-{uuid.uuid4().hex[:8]}"
+    group.mkdir()
+    try:
+        if v1:
+            (group / "memory.limit_in_bytes").write_text(str(limit_bytes))
+            peak_file = group / "memory.max_usage_in_bytes"
+        else:
+            (group / "memory.max").write_text(str(limit_bytes))
+            (group / "memory.swap.max").write_text("0")
+            peak_file = group / "memory.peak"
+        procs = group / "cgroup.procs"
+        result = subprocess.run(cmd, preexec_fn=lambda: procs.write_text(str(os.getpid())), **kwargs)
+        return result, int(peak_file.read_text())
+    finally:
+        group.rmdir()

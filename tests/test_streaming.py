@@ -1,0 +1,258 @@
+"""The layer store and the streamed target: streamed output equals resident output, bad
+store files are clear errors, the memory budget is planned, refused when too small, and
+honoured in a real memory cgroup."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from llmcad.budget import HEADROOM, MB, MemoryPlan, parse_size, plan_memory
+from llmcad.engine import Engine
+from llmcad.errors import LlmcadError
+from llmcad.generate import autoregressive
+from llmcad.model import KVCache
+from llmcad.sampling import Sampler, SamplingParams
+from llmcad.store import LayerStore, convert, ensure_store
+from llmcad.streaming import StreamedTransformer
+from llmcad.weights import load_model, open_checkpoint
+from tests.cgroup import cgroup_unavailable, run_limited
+
+
+def plan_for(store: LayerStore, resident_layers: tuple[int, ...], head_resident: bool, embed_resident: bool = False) -> MemoryPlan:
+    """A plan with exactly these resident parts (budgets are tested separately)."""
+    config = store.config
+    streamed = len(resident_layers) < config.num_layers or not head_resident
+    head_rows = max(1, config.vocab_size // 3)  # several head chunks per pass
+    return MemoryPlan(
+        budget=None, runtime=0, draft=0, kv_cache=0, activations=0,
+        layer_bytes=store.layer_layout.nbytes, head_bytes=store.head_layout.nbytes, embed_bytes=0,
+        num_layers=config.num_layers, resident_layers=resident_layers, head_resident=head_resident,
+        embed_resident=embed_resident,
+        buffer_bytes=max(store.layer_layout.nbytes, store.head_layout.nbytes // 3 + 64) if streamed else 0,
+        head_rows_per_chunk=head_rows,
+    )
+
+
+PLANS = {
+    "all-resident": lambda n: ((*range(n),), True, True),
+    "all-streamed": lambda n: ((), False),
+    "middle-resident-head-streamed": lambda n: ((1,), False),
+    "layers-streamed-head-resident": lambda n: ((), True),
+}
+
+
+@pytest.mark.parametrize("precision", ["fp32", "int8"])
+@pytest.mark.parametrize("plan_name", PLANS)
+def test_streamed_equals_resident(tiny_model, tmp_path, precision, plan_name):
+    """Logits within 1e-5 and identical greedy tokens, prompt longer than one row chunk."""
+    ckpt = open_checkpoint(tiny_model)
+    store = LayerStore.open(convert(ckpt, tmp_path / "store", precision))
+    resident = load_model(ckpt, precision)
+    streamed = StreamedTransformer(store, plan_for(store, *PLANS[plan_name](ckpt.config.num_layers)))
+    try:
+        ids = torch.randint(0, ckpt.config.vocab_size, (100,), generator=torch.Generator().manual_seed(1))
+        for _ in range(2):  # twice: the reader's cycle carries over between passes
+            caches = [KVCache(ckpt.config, 128) for _ in range(2)]
+            out = [m(ids, torch.arange(100), c, 0) for m, c in zip((resident, streamed), caches)]
+            torch.testing.assert_close(out[1], out[0], atol=1e-5, rtol=0)
+        caches = [KVCache(ckpt.config, 160) for _ in range(2)]
+        tokens = [
+            [t for t, _ in zip(autoregressive(m, c, ids[:20].tolist(), Sampler(SamplingParams())), range(24))]
+            for m, c in zip((resident, streamed), caches)
+        ]
+        assert tokens[0] == tokens[1]
+        if plan_name != "all-resident":
+            plan = streamed.plan
+            assert streamed.io.bytes_read >= streamed.io.passes * (plan.streamed_layers * plan.layer_bytes + (not plan.head_resident) * plan.head_bytes * 0.9)
+    finally:
+        streamed.close()
+
+
+def test_store_keeps_config_and_tokenizer(tiny_model, tmp_path):
+    ckpt = open_checkpoint(tiny_model)
+    store = LayerStore.open(convert(ckpt, tmp_path / "store", "int8"))
+    assert store.config == ckpt.config and store.precision == "int8"
+    text = "def add(a, b):\n    return a + b  # 😀"
+    assert store.tokenizer.encode(text) == ckpt.tokenizer.encode(text)
+    assert store.tokenizer.eos_token_ids == ckpt.tokenizer.eos_token_ids
+    assert store.tokenizer.apply_chat_template([{"role": "user", "content": "hi"}]) == ckpt.tokenizer.apply_chat_template(
+        [{"role": "user", "content": "hi"}]
+    )
+    files = sorted(p.name for p in store.path.iterdir())
+    assert [f for f in files if f.startswith("layer_")] == [f"layer_{i:03d}.safetensors" for i in range(ckpt.config.num_layers)]
+    sizes = {store.layer_path(i).stat().st_size for i in range(ckpt.config.num_layers)}
+    assert len(sizes) == 1  # every layer file has the same layout
+    with pytest.raises(LlmcadError, match="already exists"):
+        convert(ckpt, store.path, "int8")
+
+
+def test_corrupt_or_truncated_store_files_are_named(tiny_llama, tmp_path):
+    store_dir = convert(open_checkpoint(tiny_llama), tmp_path / "store", "int8")
+    layer = store_dir / "layer_001.safetensors"
+    data = bytearray(layer.read_bytes())
+    data[-10] ^= 0xFF
+    layer.write_bytes(data)
+    with pytest.raises(LlmcadError, match=r"layer_001\.safetensors: checksum mismatch"):
+        LayerStore.open(store_dir)
+    layer.write_bytes(data[:-100])
+    with pytest.raises(LlmcadError, match=r"layer_001\.safetensors: store file is \d+ bytes, expected"):
+        LayerStore.open(store_dir)
+
+    # truncated while a streamed model runs: a short read names the file, and nothing is
+    # computed from it (layer 2: the reader prefetches layers 0 and 1 of the next pass)
+    data[-10] ^= 0xFF
+    layer.write_bytes(data)
+    layer = store_dir / "layer_002.safetensors"
+    data = layer.read_bytes()
+    store = LayerStore.open(store_dir)
+    model = StreamedTransformer(store, plan_for(store, (), False))
+    try:
+        ids = torch.arange(5)
+        good = model(ids, torch.arange(5), KVCache(store.config, 16), 0)
+        layer.write_bytes(data[:-100])
+        with pytest.raises(LlmcadError, match=r"layer_002\.safetensors: short read"):
+            model(ids, torch.arange(5), KVCache(store.config, 16), 0)
+        layer.write_bytes(data)  # repaired: the reader starts its cycle over and the output is right again
+        torch.testing.assert_close(model(ids, torch.arange(5), KVCache(store.config, 16), 0), good, atol=0, rtol=0)
+    finally:
+        model.close()
+
+
+def test_layer_file_from_another_store_is_refused(tiny_llama, tmp_path):
+    a = LayerStore.open(convert(open_checkpoint(tiny_llama), tmp_path / "a", "int8"))
+    b = convert(open_checkpoint(tiny_llama), tmp_path / "b", "fp32")
+    (a.path / "layer_000.safetensors").write_bytes((b / "layer_000.safetensors").read_bytes()[: a.layer_layout.nbytes].ljust(a.layer_layout.nbytes, b"\0"))
+    model = StreamedTransformer(a, plan_for(a, (), True))
+    try:
+        with pytest.raises(LlmcadError, match="layer_000.safetensors: unexpected content"):
+            model(torch.arange(3), torch.arange(3), KVCache(a.config, 8), 0)
+    finally:
+        model.close()
+
+
+def test_parse_size():
+    assert parse_size("1.5GB") == int(1.5 * 2**30)
+    assert parse_size("1000MB") == 1000 * MB == parse_size("1000m") == parse_size("1000 M")
+    assert parse_size(12345) == 12345 == parse_size("12345")
+    for bad in ("", "lots", "1.5 TB", "-3MB"):
+        with pytest.raises(LlmcadError, match="cannot read memory size"):
+            parse_size(bad)
+
+
+def test_plan_keeps_what_fits_and_refuses_too_little(tiny_llama):
+    config = open_checkpoint(tiny_llama).config  # 3 layers, tied head
+    sizes = dict(layer_bytes=100 * MB, head_bytes=50 * MB, embed_bytes=50 * MB, runtime=200 * MB, draft=0, kv_cache=0, activations=0)
+    everything = plan_memory(config, None, **sizes)
+    assert everything.resident_layers == (0, 1, 2) and everything.buffer_bytes == 0 and everything.bytes_per_pass == 0
+    assert plan_memory(config, everything.total, **sizes) == replace(everything, budget=everything.total)
+    minimum = 200 * MB + HEADROOM + 2 * 100 * MB  # runtime, headroom, two buffers
+    plan = plan_memory(config, minimum, **sizes)
+    assert plan.resident_layers == () and not plan.head_resident and plan.bytes_per_pass == 350 * MB
+    assert plan.total <= minimum
+    plan = plan_memory(config, minimum + 160 * MB, **sizes)  # the head, then one layer
+    assert plan.head_resident and plan.resident_layers == (1,) and plan.bytes_per_pass == 200 * MB
+    with pytest.raises(LlmcadError, match=f"below the minimum of {minimum // MB} MB"):
+        plan_memory(config, minimum - MB, **sizes)
+
+
+@pytest.fixture
+def fixed_runtime(monkeypatch):
+    """Plans for tiny models are decided by the measured runtime, which varies by more than
+    the whole model: pin it."""
+    monkeypatch.setattr("llmcad.engine.current_rss", lambda: 300 * MB)
+
+
+def test_engine_refuses_a_budget_below_its_minimum(tiny_llama):
+    with pytest.raises(LlmcadError, match="memory budget 50 MB is below the minimum"):
+        Engine.load(tiny_llama, memory_budget="50MB", progress=False)
+
+
+def test_streamed_engine_serializes_concurrent_generations(tiny_llama, fixed_runtime):
+    """Two generations started at once on one streamed engine: both complete, each equal to
+    its own run alone."""
+    engine = Engine.load(tiny_llama, progress=False)
+    engine.close()
+    budget = engine.plan.total - engine.plan.resident_target + 2 * engine.store.layer_layout.nbytes  # the minimum
+    with Engine.load(tiny_llama, memory_budget=budget, progress=False) as engine:
+        assert engine.plan.bytes_per_pass > 0
+        prompts = ["def add(a, b):", "The quick brown fox"]
+        alone = [engine.generate(p, max_tokens=16, ignore_eos=True).tokens for p in prompts]
+        results = [None, None]
+
+        def run(i):
+            results[i] = engine.generate(prompts[i], max_tokens=16, ignore_eos=True).tokens
+
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert results == alone
+        stats = engine.generate(prompts[0], max_tokens=4, ignore_eos=True).stats.extra
+        assert stats["target_passes"] == 4 and stats["bytes_read"] >= 4 * 3 * engine.plan.layer_bytes
+        assert stats["io_s"] > 0 and stats["compute_s"] > 0
+
+
+# ---- the real models -------------------------------------------------------------------
+
+
+def _evict(folder: Path) -> None:
+    for f in folder.iterdir():
+        fd = os.open(f, os.O_RDONLY)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        os.close(fd)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(cgroup_unavailable() is not None, reason=str(cgroup_unavailable()))
+def test_budget_holds_in_a_memory_cgroup(smollm2, tmp_path):
+    """A real streamed generation in a cgroup limited to the budget: not killed, the process
+    peak RSS under the budget, the target really streamed, and the same tokens as resident."""
+    budget = 400 * MB
+    store = ensure_store(open_checkpoint(smollm2), "int8")
+    with Engine.load(smollm2, progress=False) as engine:
+        expected = engine.generate("def fibonacci(n):", max_tokens=16, ignore_eos=True).tokens
+    _evict(store.path)
+    cmd = [sys.executable, "-m", "llmcad.cli", "generate", "--target", str(smollm2), "--memory-budget", str(budget),
+           "--max-tokens", "16", "--ignore-eos", "--json", "def fibonacci(n):"]
+    result, peak = run_limited(budget, cmd, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, f"exit {result.returncode} (137 = killed for memory): {result.stderr[-2000:]}"
+    out = json.loads(result.stdout)
+    assert "memory plan (budget 400 MB" in result.stderr
+    assert out["tokens"] == expected
+    assert out["stats"]["bytes_read"] > 16 * 30 * MB  # most of the model was read for every token
+    assert out["stats"]["peak_rss_mb"] * MB < budget, result.stderr
+    assert peak <= budget
+
+
+@pytest.mark.slow
+def test_default_target_streamed_equals_resident():
+    """The default 1.5B target (int8): streamed under 1000 MB (its own process, in a 1000 MB
+    memory cgroup where one can be made) and fully resident give the same greedy tokens on
+    two prompts."""
+    from llmcad.hub import DEFAULT_TARGET, resolve_model
+
+    path = resolve_model(DEFAULT_TARGET, progress=False)
+    prompts = ["def merge_sorted(a, b):", "Translate to French: the cat sleeps on the warm windowsill."]
+    with Engine.load(path, progress=False) as engine:
+        expected = [engine.generate(p, max_tokens=8, ignore_eos=True).tokens for p in prompts]
+    for prompt, tokens in zip(prompts, expected):
+        cmd = [sys.executable, "-m", "llmcad.cli", "generate", "--target", str(path), "--memory-budget", "1000MB",
+               "--max-tokens", "8", "--ignore-eos", "--json", prompt]
+        if cgroup_unavailable() is None:
+            result, _ = run_limited(1000 * MB, cmd, capture_output=True, text=True, timeout=600)
+        else:
+            result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stderr[-2000:]
+        out = json.loads(result.stdout)
+        assert out["stats"]["bytes_read"] > 8 * 1000 * MB  # streamed, not resident
+        assert out["tokens"] == tokens
