@@ -150,7 +150,13 @@ def _serve(args: argparse.Namespace) -> int:
     )
     try:
         server = make_server(
-            engine, args.host, args.port, api_key=args.api_key, queue_size=args.queue_size, request_timeout=args.request_timeout
+            engine,
+            args.host,
+            args.port,
+            model_ids=[args.target, engine.name] if args.target in hub.MODELS else [engine.name],
+            api_key=args.api_key,
+            queue_size=args.queue_size,
+            request_timeout=args.request_timeout,
         )
     except OSError as e:
         raise LlmcadError(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}") from e

@@ -36,6 +36,7 @@ from llmcad.generate import GenerationStats
 
 MAX_BODY_BYTES = 1 << 20
 SOCKET_TIMEOUT_S = 30.0  # a client that neither sends nor reads for this long is dropped
+KEEP_ALIVE_S = 5.0  # an idle connection (and its thread) is closed after this long without a request
 QUEUE_POLL_S = 0.25  # how often a queued request checks that its client is still there
 MAX_STOP_STRINGS = 16
 CHAT_ROLES = ("system", "developer", "user", "assistant")
@@ -416,7 +417,9 @@ class Server(ThreadingHTTPServer):
 
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
-    server_version, sys_version = "llmcad", ""
+
+    def version_string(self) -> str:
+        return "llmcad"
     timeout = SOCKET_TIMEOUT_S
     server: Server
 
@@ -426,9 +429,17 @@ class Handler(BaseHTTPRequestHandler):
         if self.request_version == "HTTP/0.9":  # always answer with a status line
             self.request_version = "HTTP/1.0"
         self.close_connection = True
-        self._send_json(code, ApiError(code, message or HTTPStatus(code).phrase).body())
+        try:
+            self._send_json(code, ApiError(code, message or HTTPStatus(code).phrase).body())
+        except ClientGone:
+            pass
+
+    def handle_one_request(self) -> None:
+        self.connection.settimeout(KEEP_ALIVE_S)  # waiting for the request line
+        super().handle_one_request()
 
     def parse_request(self) -> bool:
+        self.connection.settimeout(SOCKET_TIMEOUT_S)
         if not super().parse_request():
             return False
         if self.request_version == "HTTP/0.9":
@@ -553,7 +564,8 @@ class Handler(BaseHTTPRequestHandler):
             handler()
         except ClientGone:
             self.close_connection = True
-            self.server.metrics.request(self._path(), 499)  # nginx's "client closed request"
+            if not self._streaming:  # nothing was answered: count it as nginx does, "client closed request"
+                self.server.metrics.request(self._path(), 499)
         except Exception as e:
             if isinstance(e, LlmcadError):
                 e = ApiError(400, str(e))
@@ -571,7 +583,10 @@ class Handler(BaseHTTPRequestHandler):
                 self.close_connection = True
             return
         self.close_connection |= not self._body_read  # unread body bytes must not pass for the next request
-        self._send_json(error.status, error.body(), error.headers)
+        try:
+            self._send_json(error.status, error.body(), error.headers)
+        except ClientGone:
+            return
         if not self._body_read:
             self._drain()
 
@@ -638,8 +653,11 @@ class Handler(BaseHTTPRequestHandler):
             self.send_header(name, value)
         if self.close_connection:
             self.send_header("Connection", "close")
-        self.end_headers()
-        self.wfile.write(data)
+        try:
+            self.end_headers()
+            self.wfile.write(data)
+        except OSError as e:
+            raise ClientGone from e
 
     def _stream_start(self) -> None:
         """Headers of a server-sent event stream: chunked for HTTP/1.1 (the connection stays
