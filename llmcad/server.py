@@ -372,7 +372,7 @@ class Metrics:
 def _resident_bytes() -> int | None:
     try:
         with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * (os.sysconf("SC_PAGE_SIZE"))
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except (OSError, ValueError, IndexError):
         return None
 
@@ -691,48 +691,45 @@ class _Writer:
 
     def __init__(self, handler: Handler, job: Job, model: str):
         self.handler, self.job = handler, job
-        prefix = "chatcmpl" if job.chat else "cmpl"
-        self.base = {"id": f"{prefix}-{uuid.uuid4().hex[:24]}", "object": "", "created": int(time.time()), "model": model}
+        kind = "chat.completion" if job.chat else "text_completion"
+        self.base = {
+            "id": f"{'chatcmpl' if job.chat else 'cmpl'}-{uuid.uuid4().hex[:24]}",
+            "object": kind + ".chunk" if job.chat and job.stream else kind,
+            "created": int(time.time()),
+            "model": model,
+        }
         self.parts: list[str] = []
         if job.stream:
             handler._stream_start()
             if job.chat:
-                self._send_chunk({"role": "assistant", "content": ""}, None)
+                self._chunk({"role": "assistant", "content": ""}, None)
 
     def text(self, text: str) -> None:
-        if not text:
-            return
-        if self.job.stream:
-            self._send_chunk({"content": text} if self.job.chat else text, None)
-        else:
+        if text and self.job.stream:
+            self._chunk({"content": text} if self.job.chat else text, None)
+        elif text:
             self.parts.append(text)
 
     def finish(self, finish_reason: str, usage: dict) -> None:
         if not self.job.stream:
             text = "".join(self.parts)
-            if self.job.chat:
-                choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None, "finish_reason": finish_reason}
-            else:
-                choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
-            kind = "chat.completion" if self.job.chat else "text_completion"
-            self.handler._send_json(200, {**self.base, "object": kind, "choices": [choice], "usage": usage})
+            content = {"role": "assistant", "content": text} if self.job.chat else text
+            self.handler._send_json(200, {**self.base, "choices": [self._choice(content, finish_reason)], "usage": usage})
             return
-        self._send_chunk({} if self.job.chat else "", finish_reason)
+        self._chunk({} if self.job.chat else "", finish_reason)
         if self.job.include_usage:
-            self._send(choices=[], usage=usage)
+            self.event(self.handler, {**self.base, "choices": [], "usage": usage})
         self.handler._stream_write(b"data: [DONE]\n\n")
         self.handler._stream_end()
 
-    def _send_chunk(self, delta: dict | str, finish_reason: str | None) -> None:
-        if self.job.chat:
-            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
-        else:
-            choice = {"index": 0, "text": delta, "logprobs": None, "finish_reason": finish_reason}
-        self._send(choices=[choice], **({"usage": None} if self.job.include_usage else {}))
+    def _choice(self, content: dict | str, finish_reason: str | None) -> dict:
+        """Chat's `message` (whole) or `delta` (streamed), or completions' `text`."""
+        key = ("delta" if self.job.stream else "message") if self.job.chat else "text"
+        return {"index": 0, key: content, "logprobs": None, "finish_reason": finish_reason}
 
-    def _send(self, **fields: Any) -> None:
-        kind = "chat.completion.chunk" if self.job.chat else "text_completion"
-        self.event(self.handler, {**self.base, "object": kind, **fields})
+    def _chunk(self, content: dict | str, finish_reason: str | None) -> None:
+        usage = {"usage": None} if self.job.include_usage else {}
+        self.event(self.handler, {**self.base, "choices": [self._choice(content, finish_reason)], **usage})
 
     @staticmethod
     def event(handler: Handler, obj: dict) -> None:
@@ -750,7 +747,7 @@ def make_server(
     request_timeout: float = 600.0,
 ) -> Server:
     """A server for `engine` bound to host:port (port 0: any free port); call serve_forever().
-    `model_ids` are the names clients may use (default: the engine's name); the first is listed."""
+    `model_ids` are the names clients may use in `model` (default: the engine's name)."""
     return Server(
         engine,
         (host, port),

@@ -28,7 +28,8 @@ import torch
 from conftest import make_tiny_hf
 
 from llmcad.engine import Engine
-from llmcad.server import MAX_BODY_BYTES, make_server
+from llmcad.generate import GenerationStats
+from llmcad.server import MAX_BODY_BYTES, Metrics, Queue, make_server
 
 ROOT = Path(__file__).resolve().parents[1]
 KEY = "sk-llmcad-test"
@@ -624,3 +625,48 @@ def test_waiting_past_the_time_limit_is_503(local, engine):
     assert status == 503
     assert int(headers["retry-after"]) >= 1
     assert error_of(data)["code"] == "queue_timeout"
+
+
+# ---- metrics of speculative decoding ------------------------------------------------------------
+
+
+def test_metrics_report_verifications_with_a_draft(model, tmp_path):
+    """With the target as its own draft, /metrics counts verifications and accepted tokens
+    as the engine's stats do."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        engine = Engine.load(model, draft=model, precision="fp32", draft_precision="fp32", max_context=CONTEXT, progress=False)
+        server = make_server(engine, "127.0.0.1", 0)
+        thread = threading.Thread(target=server.serve_forever, daemon=True)
+        thread.start()
+        port = server.server_address[1]
+        body = {"model": engine.name, "prompt": "hello", "max_tokens": 24, "ignore_eos": True, **GREEDY}
+        status, _, data = request(port, "POST", "/v1/completions", body)
+        assert status == 200
+        expected = engine.generate("hello", max_tokens=24, ignore_eos=True)
+        assert json.loads(data)["choices"][0]["text"] == expected.text
+        status, _, text = request(port, "GET", "/metrics")
+        server.shutdown()
+        server.server_close()
+    finally:
+        torch.set_num_threads(threads)
+    metrics = dict(line.rsplit(" ", 1) for line in text.decode().splitlines() if not line.startswith("#"))
+    verifications = int(metrics["llmcad_verifications_total"])
+    assert verifications == expected.stats.extra["verifications"] > 0
+    per_verification = float(metrics["llmcad_accepted_tokens_per_verification"])
+    assert per_verification == pytest.approx(expected.stats.extra["accepted_per_verification"])
+    assert int(metrics["llmcad_accepted_tokens_total"]) == round(per_verification * verifications)
+    assert "llmcad_bytes_streamed_total" not in metrics  # the engine reports no bytes_read here
+
+
+def test_metrics_sum_bytes_read_when_the_engine_reports_them():
+    metrics, queue = Metrics(), Queue(4)
+    assert "llmcad_bytes_streamed_total" not in metrics.render(queue)
+    for n in (1000, 2500):
+        metrics.generation(3, 5, 0.1, GenerationStats(prompt_tokens=3, new_tokens=5, extra={"bytes_read": n}), None)
+    metrics.generation(3, 2, 0.1, None, "disconnect")
+    text = metrics.render(queue)
+    assert "\nllmcad_bytes_streamed_total 3500\n" in text
+    assert "\nllmcad_generated_tokens_total 12\n" in text
+    assert '\nllmcad_cancelled_total{reason="disconnect"} 1\n' in text
