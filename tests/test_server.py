@@ -33,11 +33,17 @@ from llmcad.server import MAX_BODY_BYTES, Metrics, Queue, make_server
 
 ROOT = Path(__file__).resolve().parents[1]
 KEY = "sk-llmcad-test"
+MODEL = "tiny"  # the model folder's name: the id the server gives it
+CHAT = "/v1/chat/completions"
 CONTEXT = 1024
 QUEUE = 16
 PROMPTS = ["hello world", "def add(a, b):", "The quick brown fox", "for (int i = 0;", "Bonjour le monde"]
 GREEDY = {"temperature": 0}
 NO_EOS = {"extra_body": {"ignore_eos": True}}
+
+
+def chat_body(**fields) -> dict:
+    return {"model": MODEL, "messages": [{"role": "user", "content": "hello"}], "max_tokens": 4, **fields}
 
 
 @dataclass
@@ -69,7 +75,7 @@ class Live:
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory) -> Path:
-    return make_tiny_hf(tmp_path_factory.mktemp("server-model"), "llama", max_position_embeddings=CONTEXT)
+    return make_tiny_hf(tmp_path_factory.mktemp("server-model") / MODEL, "llama", max_position_embeddings=CONTEXT)
 
 
 @pytest.fixture(scope="module")
@@ -164,8 +170,6 @@ def error_of(body: bytes) -> dict:
     return error
 
 
-def chat_body(live: Live, **fields) -> dict:
-    return {"model": live.model, "messages": [{"role": "user", "content": "hello"}], "max_tokens": 4, **fields}
 
 
 # ---- endpoints ---------------------------------------------------------------------------------
@@ -217,7 +221,7 @@ def test_chat_streams_the_same_text_and_usage(live, client, engine):
 
 def test_stream_is_server_sent_events_ending_with_done(live):
     conn = http.client.HTTPConnection("127.0.0.1", live.port, timeout=60)
-    body = chat_body(live, stream=True, **GREEDY)
+    body = chat_body(stream=True, **GREEDY)
     conn.request("POST", "/v1/chat/completions", json.dumps(body), {"Authorization": f"Bearer {KEY}"})
     response = conn.getresponse()
     assert response.status == 200
@@ -230,7 +234,7 @@ def test_stream_is_server_sent_events_ending_with_done(live):
 
 
 def test_http_1_0_stream_ends_by_closing(live, engine):
-    body = json.dumps(chat_body(live, stream=True, max_tokens=6, **GREEDY, ignore_eos=True)).encode()
+    body = json.dumps(chat_body(stream=True, max_tokens=6, **GREEDY, ignore_eos=True)).encode()
     head = f"POST {CHAT} HTTP/1.0\r\nAuthorization: Bearer {KEY}\r\nContent-Length: {len(body)}\r\n\r\n"
     head_out, _, stream = raw(live.port, head.encode() + body).partition(b"\r\n\r\n")
     assert head_out.startswith(b"HTTP/1.1 200 ") and b"Connection: close" in head_out and b"chunked" not in head_out
@@ -307,68 +311,55 @@ def test_serve_on_a_port_in_use_is_a_one_line_error(live, model):
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith(f"llmcad: error: cannot listen on 127.0.0.1:{live.port}"), result.stderr
 
-CHAT = "/v1/chat/completions"
+LONG_PROMPT = "The quick brown fox jumps over the lazy dog. " * 40
+COMPLETIONS = "/v1/completions"
+ERRORS = {  # case: (method, path, body, API key, status, the `param` the error names)
+    "malformed JSON": ("POST", CHAT, b'{"model": "x", "messages": [', KEY, 400, None),
+    "not an object": ("POST", CHAT, b"[1, 2]", KEY, 400, None),
+    "invalid UTF-8": ("POST", CHAT, b'{"model": "\xff"}', KEY, 400, None),
+    "missing model": ("POST", CHAT, {"messages": [{"role": "user", "content": "hi"}]}, KEY, 400, "model"),
+    "missing messages": ("POST", CHAT, {"model": MODEL}, KEY, 400, "messages"),
+    "messages not a list": ("POST", CHAT, chat_body(messages="hello"), KEY, 400, "messages"),
+    "unknown role": ("POST", CHAT, chat_body(messages=[{"role": "robot", "content": "x"}]), KEY, 400, "messages[0].role"),
+    "content not text": ("POST", CHAT, chat_body(messages=[{"role": "user", "content": 5}]), KEY, 400, "messages[0].content"),
+    "max_tokens a string": ("POST", CHAT, chat_body(max_tokens="8"), KEY, 400, "max_tokens"),
+    "max_tokens zero": ("POST", CHAT, chat_body(max_tokens=0), KEY, 400, "max_tokens"),
+    "max_tokens a bool": ("POST", CHAT, chat_body(max_tokens=True), KEY, 400, "max_tokens"),
+    "temperature out of range": ("POST", CHAT, chat_body(temperature=5), KEY, 400, "temperature"),
+    "temperature NaN": ("POST", CHAT, json.dumps(chat_body(temperature=float("nan"))).encode(), KEY, 400, "temperature"),
+    "top_p a string": ("POST", CHAT, chat_body(top_p="high"), KEY, 400, "top_p"),
+    "seed a float": ("POST", CHAT, chat_body(seed=1.5), KEY, 400, "seed"),
+    "stop a number": ("POST", CHAT, chat_body(stop=5), KEY, 400, "stop"),
+    "stream not a bool": ("POST", CHAT, chat_body(stream="yes"), KEY, 400, "stream"),
+    "n = 2": ("POST", CHAT, chat_body(n=2), KEY, 400, "n"),
+    "logprobs": ("POST", CHAT, chat_body(logprobs=True), KEY, 400, "logprobs"),
+    "prompt a number": ("POST", COMPLETIONS, {"model": MODEL, "prompt": 5}, KEY, 400, "prompt"),
+    "token id out of range": ("POST", COMPLETIONS, {"model": MODEL, "prompt": [10**6]}, KEY, 400, "prompt"),
+    "two prompts": ("POST", COMPLETIONS, {"model": MODEL, "prompt": ["a", "b"]}, KEY, 400, "prompt"),
+    "empty prompt": ("POST", COMPLETIONS, {"model": MODEL, "prompt": ""}, KEY, 400, "prompt"),
+    "unknown model": ("POST", CHAT, chat_body(model="gpt-4o"), KEY, 404, "model"),
+    "missing API key": ("POST", CHAT, chat_body(), None, 401, None),
+    "wrong API key": ("POST", CHAT, chat_body(), "sk-wrong", 401, None),
+    "metrics without key": ("GET", "/metrics", None, None, 401, None),
+    "context exceeded": ("POST", COMPLETIONS, {"model": MODEL, "prompt": LONG_PROMPT}, KEY, 400, "max_tokens"),
+    "body too large": ("POST", CHAT, b" " * (2 * MAX_BODY_BYTES), KEY, 413, None),
+    "unknown endpoint": ("POST", "/v1/embeddings", chat_body(), KEY, 404, None),
+    "wrong method": ("GET", CHAT, None, KEY, 405, None),
+    "unknown method": ("DELETE", "/v1/models", None, KEY, 405, None),
+}
 
 
-def _error_cases(live: Live, engine: Engine):
-    long_prompt = "The quick brown fox jumps over the lazy dog. " * 40
-    n_prompt = len(engine.tokenizer.encode(long_prompt))
-    return {
-        "malformed JSON": ("POST", CHAT, b'{"model": "x", "messages": [', {}, KEY, 400, None),
-        "not an object": ("POST", CHAT, b"[1, 2]", {}, KEY, 400, None),
-        "invalid UTF-8": ("POST", CHAT, b'{"model": "\xff"}', {}, KEY, 400, None),
-        "missing model": ("POST", CHAT, {"messages": [{"role": "user", "content": "hi"}]}, {}, KEY, 400, "model"),
-        "missing messages": ("POST", CHAT, {"model": live.model}, {}, KEY, 400, "messages"),
-        "messages not a list": ("POST", CHAT, chat_body(live, messages="hello"), {}, KEY, 400, "messages"),
-        "unknown role": ("POST", CHAT, chat_body(live, messages=[{"role": "robot", "content": "x"}]), {}, KEY, 400, "messages[0].role"),
-        "content not text": ("POST", CHAT, chat_body(live, messages=[{"role": "user", "content": 5}]), {}, KEY, 400, "messages[0].content"),
-        "max_tokens a string": ("POST", CHAT, chat_body(live, max_tokens="8"), {}, KEY, 400, "max_tokens"),
-        "max_tokens zero": ("POST", CHAT, chat_body(live, max_tokens=0), {}, KEY, 400, "max_tokens"),
-        "max_tokens a bool": ("POST", CHAT, chat_body(live, max_tokens=True), {}, KEY, 400, "max_tokens"),
-        "temperature out of range": ("POST", CHAT, chat_body(live, temperature=5), {}, KEY, 400, "temperature"),
-        "temperature NaN": ("POST", CHAT, json.dumps(chat_body(live, temperature=float("nan"))).encode(), {}, KEY, 400, "temperature"),
-        "top_p a string": ("POST", CHAT, chat_body(live, top_p="high"), {}, KEY, 400, "top_p"),
-        "seed a float": ("POST", CHAT, chat_body(live, seed=1.5), {}, KEY, 400, "seed"),
-        "stop a number": ("POST", CHAT, chat_body(live, stop=5), {}, KEY, 400, "stop"),
-        "stream not a bool": ("POST", CHAT, chat_body(live, stream="yes"), {}, KEY, 400, "stream"),
-        "n = 2": ("POST", CHAT, chat_body(live, n=2), {}, KEY, 400, "n"),
-        "logprobs": ("POST", CHAT, chat_body(live, logprobs=True), {}, KEY, 400, "logprobs"),
-        "prompt a number": ("POST", "/v1/completions", {"model": live.model, "prompt": 5}, {}, KEY, 400, "prompt"),
-        "token id out of range": ("POST", "/v1/completions", {"model": live.model, "prompt": [10**6]}, {}, KEY, 400, "prompt"),
-        "two prompts": ("POST", "/v1/completions", {"model": live.model, "prompt": ["a", "b"]}, {}, KEY, 400, "prompt"),
-        "empty prompt": ("POST", "/v1/completions", {"model": live.model, "prompt": ""}, {}, KEY, 400, "prompt"),
-        "unknown model": ("POST", CHAT, chat_body(live, model="gpt-4o"), {}, KEY, 404, "model"),
-        "missing API key": ("POST", CHAT, chat_body(live), {}, None, 401, None),
-        "wrong API key": ("POST", CHAT, chat_body(live), {}, "sk-wrong", 401, None),
-        "metrics without key": ("GET", "/metrics", None, {}, None, 401, None),
-        "context exceeded": ("POST", "/v1/completions", {"model": live.model, "prompt": long_prompt, "max_tokens": CONTEXT - n_prompt + 1}, {}, KEY, 400, "max_tokens"),
-        "body too large": ("POST", CHAT, b" " * (2 * MAX_BODY_BYTES), {}, KEY, 413, None),
-        "unknown endpoint": ("POST", "/v1/embeddings", chat_body(live), {}, KEY, 404, None),
-        "wrong method": ("GET", CHAT, None, {}, KEY, 405, None),
-        "unknown method": ("DELETE", "/v1/models", None, {}, KEY, 405, None),
-    }, n_prompt
-
-
-ERROR_CASES = [
-    "malformed JSON", "not an object", "invalid UTF-8", "missing model", "missing messages", "messages not a list",
-    "unknown role", "content not text", "max_tokens a string", "max_tokens zero", "max_tokens a bool",
-    "temperature out of range", "temperature NaN", "top_p a string", "seed a float", "stop a number",
-    "stream not a bool", "n = 2", "logprobs", "prompt a number", "token id out of range", "two prompts", "empty prompt",
-    "unknown model", "missing API key", "wrong API key", "metrics without key", "context exceeded", "body too large",
-    "unknown endpoint", "wrong method", "unknown method",
-]
-
-
-@pytest.mark.parametrize("case", ERROR_CASES)
+@pytest.mark.parametrize("case", ERRORS)
 def test_error(live, engine, case):
-    cases, n_prompt = _error_cases(live, engine)
-    method, path, body, headers, key, expected_status, param = cases[case]
-    status, response_headers, data = request(live.port, method, path, body, headers, key)
+    method, path, body, key, expected_status, param = ERRORS[case]
+    n_prompt = len(engine.tokenizer.encode(LONG_PROMPT))
+    if case == "context exceeded":
+        body = {**body, "max_tokens": CONTEXT - n_prompt + 1}
+    status, headers, data = request(live.port, method, path, body, key=key)
     assert status == expected_status, data
-    assert response_headers["content-type"] == "application/json"
+    assert headers["content-type"] == "application/json"
     error = error_of(data)
-    if param is not None:
-        assert error["param"] == param, error
+    assert error["param"] == param, error
     if case == "context exceeded":
         assert error["code"] == "context_length_exceeded"
         for number in (CONTEXT, n_prompt, CONTEXT - n_prompt + 1, CONTEXT + 1):
@@ -376,9 +367,9 @@ def test_error(live, engine, case):
     if case == "n = 2":
         assert "'n' must be 1" in error["message"]
     if status == 401:
-        assert response_headers["www-authenticate"] == "Bearer"
+        assert headers["www-authenticate"] == "Bearer"
     if status == 405:
-        assert response_headers["allow"] in ("GET", "POST")
+        assert headers["allow"] in ("GET", "POST")
 
 
 def test_errors_reach_the_openai_client_typed(live, client):
@@ -501,7 +492,7 @@ def test_disconnect_mid_stream_cancels_the_generation(live, client):
 
 def test_disconnect_while_waiting_for_a_whole_answer_cancels_it(live, client):
     before = live.metrics()
-    body = json.dumps(chat_body(live, max_tokens=900, ignore_eos=True)).encode()
+    body = json.dumps(chat_body(max_tokens=900, ignore_eos=True)).encode()
     head = f"POST {CHAT} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\nContent-Length: {len(body)}\r\n\r\n"
     with socket.create_connection(("127.0.0.1", live.port)) as sock:
         sock.sendall(head.encode() + body)
