@@ -39,6 +39,7 @@ SOCKET_TIMEOUT_S = 30.0  # a client that neither sends nor reads for this long i
 KEEP_ALIVE_S = 5.0  # an idle connection (and its thread) is closed after this long without a request
 QUEUE_POLL_S = 0.25  # how often a queued request checks that its client is still there
 MAX_STOP_STRINGS = 16
+MAX_STOP_CHARS = 256  # text that may begin a stop string is held back and rescanned each step
 CHAT_ROLES = ("system", "developer", "user", "assistant")
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 ENDPOINTS = {
@@ -135,13 +136,15 @@ def _refuse_unsupported(body: dict) -> None:
 
 def _stop(body: dict) -> list[str]:
     stop = body.get("stop")
-    if stop is None:
-        return []
-    if isinstance(stop, str):
-        return [stop]
-    if isinstance(stop, list) and len(stop) <= MAX_STOP_STRINGS and all(isinstance(s, str) for s in stop):
-        return stop
-    raise ApiError(400, f"'stop' must be a string or a list of at most {MAX_STOP_STRINGS} strings", param="stop", code="invalid_type")
+    stops = [] if stop is None else [stop] if isinstance(stop, str) else stop
+    if isinstance(stops, list) and len(stops) <= MAX_STOP_STRINGS and all(isinstance(s, str) and len(s) <= MAX_STOP_CHARS for s in stops):
+        return stops
+    raise ApiError(
+        400,
+        f"'stop' must be a string or a list of at most {MAX_STOP_STRINGS} strings of at most {MAX_STOP_CHARS} characters",
+        param="stop",
+        code="invalid_value",
+    )
 
 
 def _message_text(content: Any, param: str) -> str:
@@ -417,11 +420,11 @@ class Server(ThreadingHTTPServer):
 
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    timeout = SOCKET_TIMEOUT_S
+    server: Server
 
     def version_string(self) -> str:
         return "llmcad"
-    timeout = SOCKET_TIMEOUT_S
-    server: Server
 
     # -- http.server hooks: its own errors in our shape, unknown methods 405, no HTTP/0.9
 

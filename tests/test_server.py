@@ -514,7 +514,7 @@ def _fuzz_cases(live: Live, rng: random.Random) -> list[tuple[bytes, bool]]:
         "temperature": ["0", -1, 3, True, [], {}],
         "top_p": [0, 2, "x", -0.5],
         "seed": [1.5, "s", 2**70, []],
-        "stop": [5, [1], ["a"] * 17, {}, [None]],
+        "stop": [5, [1], ["a"] * 17, {}, [None], "a" * 257],
         "n": [2, 0, "1", 1.5],
         "stream": ["yes", 1, [], {}],
         "stream_options": ["x", 1, []],
