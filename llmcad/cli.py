@@ -1,10 +1,11 @@
-"""The `llmcad` command: generate, info, pull."""
+"""The `llmcad` command: generate, serve, info, pull."""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import json
+import os
 import sys
 
 from llmcad import hub
@@ -57,6 +58,21 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--max-context", type=int, default=None, metavar="N", help="KV cache size in tokens (default: 4096; under a budget the largest of 4096, 2048, 1024, 512 that fits)")
     gen.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     gen.set_defaults(run=_generate)
+
+    serve = commands.add_parser("serve", help="serve the model over an OpenAI-compatible HTTP API")
+    serve.add_argument("--target", default=hub.DEFAULT_TARGET, metavar="MODEL", help="GGUF file, HF folder or alias (default: %(default)s)")
+    serve.add_argument("--draft", default=None, metavar="MODEL", help="draft model for speculative decoding")
+    serve.add_argument("--mode", choices=("ar", "sd", "tree"), default=None, help="decoding mode (default: tree with --draft, else ar)")
+    serve.add_argument("--precision", choices=PRECISIONS, default="int8", help="target compute and storage precision (default: %(default)s)")
+    serve.add_argument("--draft-precision", choices=PRECISIONS, default="int8", help="draft compute precision (default: %(default)s)")
+    serve.add_argument("--max-context", type=int, default=None, metavar="N", help="KV cache size in tokens, prompt plus completion (default: 4096; under a budget the largest of 4096, 2048, 1024, 512 that fits)")
+    serve.add_argument("--memory-budget", default=None, metavar="B", help="memory budget for the models, e.g. 1.5GB")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s, this machine only)")
+    serve.add_argument("--port", type=int, default=8000, help="port (default: %(default)s; 0 picks a free one)")
+    serve.add_argument("--api-key", default=os.environ.get("LLMCAD_API_KEY"), metavar="KEY", help="require 'Authorization: Bearer KEY' (default: $LLMCAD_API_KEY, else none)")
+    serve.add_argument("--queue-size", type=int, default=16, metavar="N", help="requests that may wait while one generates; more get 429 (default: %(default)s)")
+    serve.add_argument("--request-timeout", type=float, default=600.0, metavar="S", help="seconds a request may take, queued and generating (default: %(default)s)")
+    serve.set_defaults(run=_serve)
 
     info = commands.add_parser("info", help="describe a model")
     info.add_argument("model", metavar="MODEL", help="GGUF file, HF folder or alias")
@@ -128,6 +144,44 @@ def _generate(args: argparse.Namespace) -> int:
         passes = max(1, s.extra["target_passes"])
         line += f" | streamed: {s.extra['bytes_read'] / passes / 2**20:.0f} MB per pass, waited on IO {s.extra['io_wait_s']:.1f} s"
     print(f"{line} | finish: {piece.finish_reason} | peak RSS: {s.peak_rss_mb:.0f} MB", file=sys.stderr)
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from llmcad.engine import Engine
+    from llmcad.server import make_server
+
+    if args.queue_size < 0 or args.request_timeout <= 0:
+        raise LlmcadError("--queue-size must be >= 0 and --request-timeout > 0")
+    engine = Engine.load(
+        args.target,
+        draft=args.draft,
+        mode=args.mode,
+        precision=args.precision,
+        draft_precision=args.draft_precision,
+        max_context=args.max_context,
+        memory_budget=args.memory_budget,
+        progress=sys.stderr.isatty(),
+    )
+    if args.memory_budget is not None:
+        print(engine.plan.describe(), file=sys.stderr)
+    try:
+        server = make_server(
+            engine,
+            args.host,
+            args.port,
+            model_ids=[args.target, engine.name] if args.target in hub.MODELS else [engine.name],
+            api_key=args.api_key,
+            queue_size=args.queue_size,
+            request_timeout=args.request_timeout,
+        )
+    except OSError as e:
+        raise LlmcadError(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}") from e
+    with server:
+        print(f"llmcad: serving {engine.name} ({engine.mode}, {engine.precision}, context {engine.max_context}) at {server.url}/v1", flush=True)
+        if args.api_key is None and args.host not in ("127.0.0.1", "localhost", "::1"):
+            print(f"llmcad: warning: {args.host} is reachable from other machines and no --api-key is set", file=sys.stderr)
+        server.serve_forever()
     return 0
 
 
