@@ -42,8 +42,9 @@ from tests.cgroup import cgroup_unavailable, run_limited  # noqa: E402
 PROMPT = "def merge_sorted(a, b):"
 
 
-def evict(folder: Path) -> None:
-    for f in folder.iterdir():
+def evict(files) -> None:
+    """Drop `files` from the OS page cache."""
+    for f in files:
         fd = os.open(f, os.O_RDONLY)
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         os.close(fd)
@@ -54,10 +55,7 @@ def raw_read_gbps(files: list[Path]) -> float:
     size = max(f.stat().st_size for f in files)
     buf = mmap.mmap(-1, size)
     view = memoryview(buf)
-    for f in files:
-        fd = os.open(f, os.O_RDONLY)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        os.close(fd)
+    evict(files)
     total, t = 0, time.perf_counter()
     for f in files:
         fd = os.open(f, os.O_RDONLY)
@@ -84,7 +82,7 @@ def pure_compute_s_per_pass(target: Path, precision: str, tokens: int) -> tuple[
 
 
 def run_budget(target: Path, precision: str, budget: int, tokens: int, store: Path) -> dict:
-    evict(store)
+    evict(store.iterdir())
     cmd = [sys.executable, "-m", "llmcad.cli", "generate", "--target", str(target), "--precision", precision,
            "--memory-budget", str(budget), "--max-context", "2048", "--max-tokens", str(tokens), "--ignore-eos", "--json", PROMPT]
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}

@@ -34,9 +34,7 @@ def _parser() -> argparse.ArgumentParser:
 
     gen = commands.add_parser("generate", help="generate text from a prompt")
     gen.add_argument("prompt", metavar="PROMPT", help="the prompt text ('-' reads it from stdin)")
-    gen.add_argument("--target", default=hub.DEFAULT_TARGET, metavar="MODEL", help="GGUF file, HF folder or alias (default: %(default)s)")
-    gen.add_argument("--draft", default=None, metavar="MODEL", help="draft model for speculative decoding")
-    gen.add_argument("--mode", choices=("ar", "sd", "tree"), default=None, help="ar: target alone; sd: linear draft; tree: token tree (default: tree with --draft, else ar)")
+    _add_model_options(gen)
     gen.add_argument("--draft-tokens", type=int, default=4, metavar="K", help="sd: tokens drafted per verification (default: %(default)s)")
     gen.add_argument("--tree-nodes", type=int, default=TreeLimits.max_nodes, metavar="N", help="tree: drafted nodes per verification (default: %(default)s)")
     gen.add_argument("--tree-depth", type=int, default=TreeLimits.max_depth, metavar="D", help="tree: maximum depth (default: %(default)s)")
@@ -51,22 +49,11 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=None, metavar="S")
     gen.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop string (repeatable)")
     gen.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-sequence tokens")
-    gen.add_argument("--precision", choices=PRECISIONS, default="int8", help="target compute and storage precision (default: %(default)s)")
-    gen.add_argument("--draft-precision", choices=PRECISIONS, default="int8", help="draft compute precision (default: %(default)s)")
-    gen.add_argument("--memory-budget", default=None, metavar="SIZE", help="memory for the whole process, e.g. 1.5GB or 1000MB: the target is streamed from storage, keeping resident what fits (default: no limit, all resident)")
-    gen.add_argument("--keep-page-cache", action="store_true", help="leave streamed pages in the OS page cache (default: drop them after use, as a device without spare RAM would)")
-    gen.add_argument("--max-context", type=int, default=None, metavar="N", help="KV cache size in tokens (default: 4096; under a budget the largest of 4096, 2048, 1024, 512 that fits)")
     gen.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     gen.set_defaults(run=_generate)
 
     serve = commands.add_parser("serve", help="serve the model over an OpenAI-compatible HTTP API")
-    serve.add_argument("--target", default=hub.DEFAULT_TARGET, metavar="MODEL", help="GGUF file, HF folder or alias (default: %(default)s)")
-    serve.add_argument("--draft", default=None, metavar="MODEL", help="draft model for speculative decoding")
-    serve.add_argument("--mode", choices=("ar", "sd", "tree"), default=None, help="decoding mode (default: tree with --draft, else ar)")
-    serve.add_argument("--precision", choices=PRECISIONS, default="int8", help="target compute and storage precision (default: %(default)s)")
-    serve.add_argument("--draft-precision", choices=PRECISIONS, default="int8", help="draft compute precision (default: %(default)s)")
-    serve.add_argument("--max-context", type=int, default=None, metavar="N", help="KV cache size in tokens, prompt plus completion (default: 4096; under a budget the largest of 4096, 2048, 1024, 512 that fits)")
-    serve.add_argument("--memory-budget", default=None, metavar="B", help="memory budget for the models, e.g. 1.5GB")
+    _add_model_options(serve)
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s, this machine only)")
     serve.add_argument("--port", type=int, default=8000, help="port (default: %(default)s; 0 picks a free one)")
     serve.add_argument("--api-key", default=os.environ.get("LLMCAD_API_KEY"), metavar="KEY", help="require 'Authorization: Bearer KEY' (default: $LLMCAD_API_KEY, else none)")
@@ -91,11 +78,22 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _generate(args: argparse.Namespace) -> int:
+def _add_model_options(parser: argparse.ArgumentParser) -> None:
+    """The options that choose and load the models, shared by generate and serve."""
+    parser.add_argument("--target", default=hub.DEFAULT_TARGET, metavar="MODEL", help="GGUF file, HF folder, layer store or alias (default: %(default)s)")
+    parser.add_argument("--draft", default=None, metavar="MODEL", help="draft model for speculative decoding")
+    parser.add_argument("--mode", choices=("ar", "sd", "tree"), default=None, help="ar: target alone; sd: linear draft; tree: token tree (default: tree with --draft, else ar)")
+    parser.add_argument("--precision", choices=PRECISIONS, default="int8", help="target compute and storage precision (default: %(default)s)")
+    parser.add_argument("--draft-precision", choices=PRECISIONS, default="int8", help="draft compute precision (default: %(default)s)")
+    parser.add_argument("--memory-budget", default=None, metavar="SIZE", help="memory for the whole process, e.g. 1.5GB or 1000MB: the target is streamed from storage, keeping resident what fits (default: no limit, all resident)")
+    parser.add_argument("--keep-page-cache", action="store_true", help="leave streamed pages in the OS page cache (default: drop them after use, as a device without spare RAM would)")
+    parser.add_argument("--max-context", type=int, default=None, metavar="N", help="KV cache size in tokens, prompt plus completion (default: 4096; under a budget the largest of 4096, 2048, 1024, 512 that fits)")
+
+
+def _load_engine(args: argparse.Namespace, progress: bool):
+    """The Engine the model options ask for; its memory plan is printed when a budget is set."""
     from llmcad.engine import Engine
 
-    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
-    progress = not args.json and sys.stderr.isatty()  # bars only on a terminal, never in a log
     engine = Engine.load(
         args.target,
         draft=args.draft,
@@ -109,6 +107,13 @@ def _generate(args: argparse.Namespace) -> int:
     )
     if args.memory_budget is not None:
         print(engine.plan.describe(), file=sys.stderr)
+    return engine
+
+
+def _generate(args: argparse.Namespace) -> int:
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    progress = not args.json and sys.stderr.isatty()  # bars only on a terminal, never in a log
+    engine = _load_engine(args, progress)
     limits = (
         TreeLimits.linear(args.draft_tokens)
         if engine.mode == "sd"
@@ -148,23 +153,11 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from llmcad.engine import Engine
     from llmcad.server import make_server
 
     if args.queue_size < 0 or args.request_timeout <= 0:
         raise LlmcadError("--queue-size must be >= 0 and --request-timeout > 0")
-    engine = Engine.load(
-        args.target,
-        draft=args.draft,
-        mode=args.mode,
-        precision=args.precision,
-        draft_precision=args.draft_precision,
-        max_context=args.max_context,
-        memory_budget=args.memory_budget,
-        progress=sys.stderr.isatty(),
-    )
-    if args.memory_budget is not None:
-        print(engine.plan.describe(), file=sys.stderr)
+    engine = _load_engine(args, sys.stderr.isatty())
     try:
         server = make_server(
             engine,

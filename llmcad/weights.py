@@ -61,21 +61,10 @@ class Checkpoint:
         converted a slice at a time."""
         if self.gguf is None:
             return _hf_rows(self.path, name, start, stop)
-        gguf_name = {v: k for k, v in GGUF_NAMES.items()}[name.removesuffix(".weight")] + ".weight"
-        tensor = next((t for t in self.gguf.tensors if t.name == gguf_name), None)
+        tensor = next((t for t in self.gguf.tensors if _gguf_name(t.name) == name), None)
         if tensor is None:
-            raise LlmcadError(f"{self.path}: no tensor {gguf_name}")
+            raise LlmcadError(f"{self.path}: no tensor {name}")
         return torch.from_numpy(self.gguf.dequantize(tensor, slice(start, stop)))
-
-    def tensor_names(self) -> list[tuple[str, tuple[int, ...]]]:
-        """(name, shape) of every tensor, under Hugging Face names."""
-        if self.gguf is not None:
-            return [(_gguf_name(t.name), t.shape) for t in self.gguf.tensors if t.name != "rope_freqs.weight"]
-        out = []
-        for file in _safetensors_files(self.path):
-            with safe_open(file, framework="pt") as f:
-                out += [(k.removeprefix("model."), tuple(f.get_slice(k).get_shape())) for k in f.keys()]
-        return out
 
     @property
     def format(self) -> str:
