@@ -26,7 +26,7 @@ from tqdm import tqdm
 from common import KINDS, RESULTS, load_prompts, machine_info, md_table, median, write_json
 from llmcad.engine import Engine
 from llmcad.hub import DEFAULT_DRAFT, DEFAULT_TARGET
-from llmcad.speculative import TreeLimits
+from llmcad.fallback import TreeLimits
 
 DEFAULT_CONFIGS = "ar,sd-2,sd-4,sd-8,tree-8,tree-16,tree-32,tree-48"
 

@@ -12,6 +12,8 @@ two buffers is refused with the minimum in the error.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import re
 from dataclasses import dataclass
 
@@ -31,6 +33,29 @@ def parse_size(text: str | int) -> int:
     if not match:
         raise LlmcadError(f"cannot read memory size {text!r} (examples: 1.5GB, 1000MB)")
     return int(float(match.group(1)) * UNITS[match.group(2)])
+
+
+def _libc() -> ctypes.CDLL | None:
+    name = ctypes.util.find_library("c")
+    libc = ctypes.CDLL(name) if name else None
+    return libc if libc is not None and hasattr(libc, "mallopt") else None  # glibc only
+
+
+def return_large_blocks_at_once() -> None:
+    """Make glibc hand blocks of 1 MiB and more back to the OS when freed. By default its
+    threshold grows to 32 MiB after the first large free, and freed activations and load-time
+    temporaries then stay in the heap: loading the 0.5B draft left RSS 950 MB above its
+    weights; with this, about 110 MB."""
+    libc = _libc()
+    if libc is not None:
+        libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+
+
+def release_free_memory() -> None:
+    """Return the heap's free pages to the OS (glibc's malloc_trim)."""
+    libc = _libc()
+    if libc is not None:
+        libc.malloc_trim(0)
 
 
 def activation_bytes(config: ModelConfig, max_len: int, rows: int, logit_rows: int) -> int:

@@ -10,8 +10,9 @@ import sys
 
 from llmcad import hub
 from llmcad.errors import LlmcadError
+from llmcad.engine import DEFAULT_FALLBACK, MODES, Engine, default_limits
+from llmcad.fallback import FALLBACKS, TreeLimits
 from llmcad.quant import PRECISIONS
-from llmcad.speculative import TreeLimits
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -36,10 +37,11 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("prompt", metavar="PROMPT", help="the prompt text ('-' reads it from stdin)")
     _add_model_options(gen)
     gen.add_argument("--draft-tokens", type=int, default=4, metavar="K", help="sd: tokens drafted per verification (default: %(default)s)")
-    gen.add_argument("--tree-nodes", type=int, default=TreeLimits.max_nodes, metavar="N", help="tree: drafted nodes per verification (default: %(default)s)")
-    gen.add_argument("--tree-depth", type=int, default=TreeLimits.max_depth, metavar="D", help="tree: maximum depth (default: %(default)s)")
-    gen.add_argument("--tree-width", type=int, default=TreeLimits.width, metavar="W", help="tree: children per node at most (default: %(default)s)")
-    gen.add_argument("--branch-threshold", type=float, default=TreeLimits.branch_threshold, metavar="P", help="tree: draft probability that opens a branch (default: %(default)s)")
+    gen.add_argument("--tree-nodes", type=int, default=None, metavar="N", help=f"tree/llmcad: most drafted nodes per verification (default: tree {TreeLimits.max_nodes}, llmcad the engine's tree slots less the lookahead)")
+    gen.add_argument("--tree-depth", type=int, default=None, metavar="D", help=f"tree/llmcad: maximum depth (default: tree {TreeLimits.max_depth}, llmcad 12)")
+    gen.add_argument("--tree-width", type=int, default=None, metavar="W", help=f"tree/llmcad: children per node at most (default: {TreeLimits.width})")
+    gen.add_argument("--branch-threshold", type=float, default=None, metavar="P", help=f"tree/llmcad: draft probability that opens a branch (default: {TreeLimits.branch_threshold})")
+    gen.add_argument("--no-pipeline", action="store_true", help="llmcad: the draft waits while the target verifies (default: it keeps drafting when the target is streamed)")
     gen.add_argument("--show-tree", action="store_true", help="draw every token tree on stderr, accepted path marked with *")
     gen.add_argument("--chat", action="store_true", help="wrap PROMPT in the model's chat template as a user message")
     gen.add_argument("--max-tokens", type=int, default=256, metavar="N")
@@ -82,7 +84,8 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     """The options that choose and load the models, shared by generate and serve."""
     parser.add_argument("--target", default=hub.DEFAULT_TARGET, metavar="MODEL", help="GGUF file, HF folder, layer store or alias (default: %(default)s)")
     parser.add_argument("--draft", default=None, metavar="MODEL", help="draft model for speculative decoding")
-    parser.add_argument("--mode", choices=("ar", "sd", "tree"), default=None, help="ar: target alone; sd: linear draft; tree: token tree (default: tree with --draft, else ar)")
+    parser.add_argument("--mode", choices=MODES, default=None, help="ar: target alone; sd: linear draft; tree: token tree with fixed limits; llmcad: token tree, fallback policy and pipeline (default: llmcad with --draft, else ar)")
+    parser.add_argument("--fallback", choices=FALLBACKS, default=DEFAULT_FALLBACK, help="llmcad: when to stop drafting and verify; fixed: at the tree limits, llmcad: tree confidence against a self-adjusting threshold, cost: when expected accepted tokens per second would fall (default: %(default)s)")
     parser.add_argument("--precision", choices=PRECISIONS, default="int8", help="target compute and storage precision (default: %(default)s)")
     parser.add_argument("--draft-precision", choices=PRECISIONS, default="int8", help="draft compute precision (default: %(default)s)")
     parser.add_argument("--memory-budget", default=None, metavar="SIZE", help="memory for the whole process, e.g. 1.5GB or 1000MB: the target is streamed from storage, keeping resident what fits (default: no limit, all resident)")
@@ -92,8 +95,6 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
 
 def _load_engine(args: argparse.Namespace, progress: bool):
     """The Engine the model options ask for; its memory plan is printed when a budget is set."""
-    from llmcad.engine import Engine
-
     engine = Engine.load(
         args.target,
         draft=args.draft,
@@ -103,6 +104,7 @@ def _load_engine(args: argparse.Namespace, progress: bool):
         max_context=args.max_context,
         memory_budget=args.memory_budget,
         keep_page_cache=args.keep_page_cache,
+        fallback=args.fallback,
         progress=progress,
     )
     if args.memory_budget is not None:
@@ -114,11 +116,12 @@ def _generate(args: argparse.Namespace) -> int:
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     progress = not args.json and sys.stderr.isatty()  # bars only on a terminal, never in a log
     engine = _load_engine(args, progress)
-    limits = (
-        TreeLimits.linear(args.draft_tokens)
-        if engine.mode == "sd"
-        else TreeLimits(args.tree_nodes, args.tree_depth, args.tree_width, args.branch_threshold)
-    )
+    limits = default_limits(engine.mode, engine.tree_slots)
+    if engine.mode == "sd":
+        limits = TreeLimits.linear(args.draft_tokens)
+    elif limits is not None:
+        given = dict(max_nodes=args.tree_nodes, max_depth=args.tree_depth, width=args.tree_width, branch_threshold=args.branch_threshold)
+        limits = dataclasses.replace(limits, **{k: v for k, v in given.items() if v is not None})
     ids = engine.chat_prompt([{"role": "user", "content": prompt}]) if args.chat else engine.tokenizer.encode(prompt)
     options = dict(
         max_tokens=args.max_tokens,
@@ -128,7 +131,8 @@ def _generate(args: argparse.Namespace) -> int:
         seed=args.seed,
         stop=args.stop,
         ignore_eos=args.ignore_eos,
-        limits=None if engine.mode == "ar" else limits,
+        limits=limits,
+        pipeline=False if args.no_pipeline else None,
         on_verify=_tree_printer(engine.tokenizer) if args.show_tree else None,
     )
     if args.json:

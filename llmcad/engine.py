@@ -9,13 +9,14 @@ from dataclasses import dataclass
 
 import torch
 
-from llmcad.budget import MemoryPlan, activation_bytes, parse_size, plan_memory
+from llmcad.budget import MemoryPlan, activation_bytes, parse_size, plan_memory, release_free_memory, return_large_blocks_at_once
 from llmcad.errors import LlmcadError
 from llmcad.generate import Generation, GenerationStats, Piece, autoregressive, stream_text
 from llmcad.hub import DEFAULT_TARGET, resolve_model
 from llmcad.model import ROW_CHUNK, KVCache, Transformer
 from llmcad.sampling import Sampler, SamplingParams
-from llmcad.speculative import SpeculativeDecoder, TreeLimits
+from llmcad.fallback import FALLBACKS, TreeLimits, make_fallback
+from llmcad.speculative import SpeculativeDecoder
 from llmcad.store import LayerStore, ensure_store
 from llmcad.streaming import StreamedTransformer
 from llmcad.tree import TokenTree
@@ -24,16 +25,27 @@ from llmcad.weights import Checkpoint, load_model, open_checkpoint
 DEFAULT_PRECISION = "int8"
 DEFAULT_MAX_CONTEXT = 4096
 CONTEXTS_UNDER_BUDGET = (4096, 2048, 1024, 512)  # tried in turn when a budget is set and no context is
-MODES = ("ar", "sd", "tree")
-TREE_SLOTS = 64  # cache slots beyond the context reserved for a token tree under verification
-DEFAULT_LIMITS = {"sd": TreeLimits.linear(4), "tree": TreeLimits()}
+MODES = ("ar", "sd", "tree", "llmcad")
+TREE_SLOTS = (64, 32)  # cache slots past the context for a tree and its lookahead; the first that fits a budget
+LOOKAHEAD = 4  # tokens the draft continues the main path by while a streamed target verifies
+DRAFT_ROWS = 16  # most nodes in one draft pass (TreeLimits.batch)
+DEFAULT_FALLBACK = "llmcad"
+
+
+def default_limits(mode: str, tree_slots: int) -> TreeLimits | None:
+    """Tree caps per mode: `llmcad` grows up to the engine's tree slots (less the lookahead)
+    and lets its fallback policy stop earlier."""
+    return {
+        "sd": TreeLimits.linear(4),
+        "tree": TreeLimits(),
+        "llmcad": TreeLimits(max_nodes=tree_slots - 1 - LOOKAHEAD, max_depth=12, width=4, branch_threshold=0.1, batch=8),
+    }.get(mode)
 
 
 @dataclass
 class Draft:
     model: Transformer
-    checkpoint: Checkpoint
-    cache: KVCache
+    cache: KVCache | None
 
 
 class Engine:
@@ -48,6 +60,8 @@ class Engine:
         max_context: int,
         draft: Draft | None = None,
         mode: str | None = None,
+        tree_slots: int = TREE_SLOTS[0],
+        fallback: str = DEFAULT_FALLBACK,
     ):
         tokenizer = store.tokenizer
         if tokenizer.vocab_size > model.config.vocab_size:
@@ -58,10 +72,15 @@ class Engine:
         self.precision = store.precision
         self.plan: MemoryPlan = model.plan
         self.max_context = max_context
-        self.cache = KVCache(model.config, max_context + TREE_SLOTS)
+        self.tree_slots = tree_slots
+        self.cache = KVCache(model.config, max_context + tree_slots)
         self.draft = draft
-        self.mode = mode or ("tree" if draft else "ar")
+        self.mode = mode or ("llmcad" if draft else "ar")
         self._check_mode(self.mode)
+        self._check_fallback(fallback)
+        # one policy per engine: what it learns (thresholds, costs) carries across generations
+        self.fallback = fallback
+        self._policies = {}
         self.lock = threading.Lock()
 
     @classmethod
@@ -76,37 +95,48 @@ class Engine:
         max_context: int | None = None,
         memory_budget: int | str | None = None,
         keep_page_cache: bool = False,
+        fallback: str = DEFAULT_FALLBACK,
         progress: bool = True,
     ) -> Engine:
         """Load `target` (and `draft`): GGUF files, Hugging Face folders, layer stores or
         default aliases (fetched on first use). The target is converted once to a layer
         store in `precision` (cached under LLMCAD_HOME) and streamed from it; the draft is
         loaded resident. `mode` is the default decoding mode: "ar" (target alone), "sd"
-        (linear draft) or "tree".
+        (linear draft), "tree" (fixed tree limits) or "llmcad" (tree grown until the `fallback`
+        policy, "fixed", "llmcad" or "cost", says verify; the draft keeps drafting while a
+        streamed target verifies). The default is "llmcad" with a draft, else "ar".
 
         `memory_budget` (bytes, or text such as "1.5GB") bounds the whole process: the
         engine keeps as much of the target resident as fits and streams the rest; None
         keeps everything resident. `max_context` defaults to 4096 tokens, or under a budget
-        to the largest of 4096, 2048, 1024, 512 that fits. Pages read while streaming are
+        to the largest of 4096, 2048, 1024, 512 that fits (and with a draft, tree slots of 64
+        or else 32). Pages read while streaming are
         dropped from the OS page cache unless `keep_page_cache`."""
         budget = None if memory_budget is None else parse_size(memory_budget)
+        if budget is not None:
+            return_large_blocks_at_once()
         runtime = current_rss()
         store = open_store(target, precision, progress)
         config = store.config
         draft_state, draft_bytes, limit = None, 0, config.max_position_embeddings
         if draft is not None:
+            before = current_rss()
             draft_ckpt = open_checkpoint(resolve_model(draft, progress=progress))
             _check_same_vocabulary(store, draft_ckpt)
-            draft_model = load_model(draft_ckpt, draft_precision, progress=progress)
-            draft_bytes = _tensor_bytes(draft_model)
+            draft_model = load_model(draft_ckpt, draft_precision, progress=progress, embedding_on_demand=True)
             limit = min(limit, draft_ckpt.config.max_position_embeddings)
-            draft_state = Draft(draft_model, draft_ckpt, None)
+            del draft_ckpt  # its metadata (vocabulary strings) is not needed any more
+            release_free_memory()
+            # what loading really cost (allocator leftovers included), not less than the tensors
+            draft_bytes = max(_tensor_bytes(draft_model), current_rss() - before)
+            draft_state = Draft(draft_model, None)
         if max_context or budget is None:
             contexts = [min(max_context or DEFAULT_MAX_CONTEXT, limit)]
         else:
             contexts = sorted({min(c, limit) for c in CONTEXTS_UNDER_BUDGET}, reverse=True)
-        models = [config] + ([draft_state.model.config] if draft_state else [])
-        for context in contexts:
+        models = [store] + ([draft_state.model] if draft_state else [])
+        choices = [(c, s) for c in contexts for s in (TREE_SLOTS if draft_state else TREE_SLOTS[:1])]
+        for context, slots in choices:
             try:
                 plan = plan_memory(
                     config,
@@ -116,22 +146,25 @@ class Engine:
                     embed_bytes=store.embed_layout.nbytes,
                     runtime=runtime,
                     draft=draft_bytes,
-                    kv_cache=sum(KVCache.bytes_for(c, context + TREE_SLOTS) for c in models),
-                    activations=sum(activation_bytes(c, context + TREE_SLOTS, ROW_CHUNK, TREE_SLOTS) for c in models),
+                    kv_cache=sum(KVCache.bytes_for(c.config, context + slots) for c in models),
+                    activations=sum(
+                        activation_bytes(c.config, context + slots, ROW_CHUNK, rows) for c, rows in zip(models, (slots, DRAFT_ROWS))
+                    )
+                    + (slots * config.vocab_size * 2 if draft_state else 0),  # a sampled tree's draft distributions (fp16)
                 )
                 break
             except LlmcadError:
-                if context == contexts[-1]:
+                if (context, slots) == choices[-1]:
                     raise
         if draft_state is not None:
-            draft_state.cache = KVCache(draft_state.model.config, context + TREE_SLOTS)
+            draft_state.cache = KVCache(draft_state.model.config, context + slots)
         model = StreamedTransformer(store, plan, drop_page_cache=not keep_page_cache)
         if plan.bytes_per_pass and torch.get_num_threads() > 1:
             # The reader keeps a core busy copying pages; compute threads that share it with
             # the reader stall each other at every parallel barrier (measured on 2 cores:
             # 0.61 tok/s with 2 compute threads, 1.02 with 1).
             torch.set_num_threads(torch.get_num_threads() - 1)
-        return cls(model, store, context, draft_state, mode)
+        return cls(model, store, context, draft_state, mode, slots, fallback)
 
     def close(self) -> None:
         """Stop the background reader (the engine cannot generate afterwards)."""
@@ -160,33 +193,54 @@ class Engine:
         ignore_eos: bool = False,
         mode: str | None = None,
         limits: TreeLimits | None = None,
+        fallback: str | None = None,
+        pipeline: bool | None = None,
         on_verify: Callable[[TokenTree, list[int]], None] | None = None,
     ) -> Iterator[Piece]:
         """Yield the continuation of `prompt` (text, or token ids) piece by piece; the last
-        piece has the finish reason and the stats. `mode` and the tree `limits` override the
-        engine's defaults for this call; `on_verify(tree, accepted_path)` sees every tree."""
+        piece has the finish reason and the stats, and the first piece after each
+        verification its `step` figures (tokens accepted, tree size, verification seconds,
+        share of it waiting on IO). `mode`, the tree `limits` and the `fallback` policy
+        override the engine's defaults for this call. `pipeline` (mode llmcad; default: on
+        when the target is streamed) lets the draft keep drafting during verification.
+        `on_verify(tree, accepted_path)` sees every tree."""
         ids = self._ids(prompt)
         params = SamplingParams(temperature, top_k, top_p, seed)
         mode = mode or self.mode
         self._check_mode(mode)
-        limits = limits or DEFAULT_LIMITS.get(mode)
-        if limits is not None and limits.max_nodes >= TREE_SLOTS:
-            raise LlmcadError(f"a token tree holds at most {TREE_SLOTS - 1} drafted nodes, asked for {limits.max_nodes}")
+        fallback = fallback or (self.fallback if mode == "llmcad" else "fixed")
+        self._check_fallback(fallback)
+        limits = limits or default_limits(mode, self.tree_slots)
+        if limits is not None and limits.max_nodes >= self.tree_slots:
+            raise LlmcadError(f"a token tree holds at most {self.tree_slots - 1} drafted nodes here, asked for {limits.max_nodes}")
+        if limits is not None and not 1 <= limits.batch <= DRAFT_ROWS:
+            raise LlmcadError(f"a draft pass takes 1 to {DRAFT_ROWS} tree nodes, asked for {limits.batch}")
+        if pipeline is None:
+            pipeline = mode == "llmcad" and self.plan.bytes_per_pass > 0
+        lookahead = min(LOOKAHEAD, self.tree_slots - 1 - limits.max_nodes) if pipeline and limits is not None else 0
         self._check_lengths(len(ids), max_tokens)
         stops = [stop] if isinstance(stop, str) else list(stop)
-        return self._stream(ids, params, mode, limits, on_verify, max_tokens, stops, ignore_eos)
+        policy = self._policies.setdefault((fallback, limits), make_fallback(fallback, limits)) if limits else None
+        return self._stream(ids, params, mode, policy, lookahead, on_verify, max_tokens, stops, ignore_eos)
 
-    def _stream(self, ids, params, mode, limits, on_verify, max_tokens, stop, ignore_eos) -> Iterator[Piece]:
+    def _stream(self, ids, params, mode, policy, lookahead, on_verify, max_tokens, stop, ignore_eos) -> Iterator[Piece]:
         with self.lock:
-            stats = GenerationStats(prompt_tokens=len(ids), extra={"mode": mode, "precision": self.precision})
+            extra = {"mode": mode, "precision": self.precision}
+            if policy is not None:
+                extra.update(fallback=policy.name, lookahead=lookahead)
+            stats = GenerationStats(prompt_tokens=len(ids), extra=extra)
             io_before = self.model.io.snapshot()
             if mode == "ar":
                 decoder, tokens = None, autoregressive(self.model, self.cache, ids, Sampler(params))
             else:
                 d = self.draft
-                decoder = SpeculativeDecoder(self.model, self.cache, d.model, d.cache, limits, params, on_verify)
+                decoder = SpeculativeDecoder(self.model, self.cache, d.model, d.cache, policy, params, on_verify, lookahead)
                 tokens = decoder.generate(ids)
+            steps_seen = 0
             for piece in stream_text(tokens, self.tokenizer, stats, max_tokens=max_tokens, stop=stop, ignore_eos=ignore_eos):
+                if decoder is not None and len(decoder.stats.steps) > steps_seen:
+                    steps_seen = len(decoder.stats.steps)
+                    piece.step = decoder.stats.steps[-1]
                 if piece.stats is not None:
                     piece.stats.extra.update(self.model.io.since(io_before))
                     if decoder is not None:
@@ -216,6 +270,11 @@ class Engine:
     def chat(self, messages: list[dict], **options) -> Generation:
         """Answer a conversation ([{"role": ..., "content": ...}, ...]) with the chat template."""
         return self.generate(self.chat_prompt(messages), **options)
+
+    @staticmethod
+    def _check_fallback(fallback: str) -> None:
+        if fallback not in FALLBACKS:
+            raise LlmcadError(f"unknown fallback policy {fallback!r} (choose from {', '.join(FALLBACKS)})")
 
     def _check_mode(self, mode: str) -> None:
         if mode not in MODES:

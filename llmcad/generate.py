@@ -61,6 +61,7 @@ class Piece:
     token_ids: list[int]
     finish_reason: str | None = None
     stats: GenerationStats | None = None
+    step: dict | None = None  # speculative modes: the verification that produced this piece
 
 
 @dataclass

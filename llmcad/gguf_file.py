@@ -52,15 +52,15 @@ class GGUFFile:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         try:
-            index = np.memmap(self.path, dtype=np.uint8, mode="r")
+            index = np.memmap(path, dtype=np.uint8, mode="r")
         except (OSError, ValueError) as e:
-            raise LlmcadError(f"{self.path}: cannot read ({e})") from None
+            raise LlmcadError(f"{path}: cannot read ({e})") from None
         try:
             self.fields, self.tensors = self._parse(memoryview(index))
         except struct.error as e:  # a read past the end of the buffer
-            raise LlmcadError(f"{self.path}: not a readable GGUF file (truncated or corrupt: {e})") from None
+            raise LlmcadError(f"{path}: not a readable GGUF file (truncated or corrupt: {e})") from None
         except (UnicodeDecodeError, ValueError, KeyError) as e:
-            raise LlmcadError(f"{self.path}: not a readable GGUF file ({type(e).__name__}: {e})") from None
+            raise LlmcadError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from None
 
     def _parse(self, buf: memoryview) -> tuple[dict[str, Any], list[GGUFTensor]]:
         if bytes(buf[:4]) != MAGIC:
@@ -95,27 +95,32 @@ class GGUFFile:
         return fields, tensors
 
     def dequantize(self, tensor: GGUFTensor, rows: slice | None = None) -> np.ndarray:
-        """The tensor as float32, in its numpy shape; only `rows` of a 2-D tensor if given
-        (GGUF quantizes each row on its own, so a row range is a byte range)."""
-        shape = tensor.shape
-        row_bytes = tensor.nbytes // max(1, int(np.prod(shape[:-1])))
-        offset, nbytes = tensor.offset, tensor.nbytes
-        if rows is not None:
-            start, stop, _ = rows.indices(shape[0])
-            shape = (stop - start, *shape[1:])
-            offset, nbytes = offset + start * row_bytes, (stop - start) * row_bytes
-        raw = np.empty(nbytes, dtype=np.uint8)
-        view, done = memoryview(raw), 0
-        with open(self.path, "rb", buffering=0) as f:
-            f.seek(offset)
-            while done < nbytes and (n := f.readinto(view[done:])):
-                done += n
-        if done != nbytes:
-            raise LlmcadError(f"{self.path}: short read of tensor {tensor.name} (file truncated?)")
-        try:
-            return np.asarray(dequantize(raw.reshape(-1, row_bytes), tensor.type), dtype=np.float32).reshape(shape)
-        except NotImplementedError:
-            raise LlmcadError(f"{self.path}: tensor {tensor.name} has unsupported type {tensor.type.name}") from None
+        """The tensor as float32, in its numpy shape; only `rows` of a 2-D tensor if given."""
+        return dequantize_tensor(self.path, tensor, rows)
+
+
+def dequantize_tensor(path: Path, tensor: GGUFTensor, rows: slice | None = None) -> np.ndarray:
+    """`tensor` of the GGUF file at `path` as float32; only `rows` of a 2-D tensor if given
+    (GGUF quantizes each row on its own, so a row range is a byte range)."""
+    shape = tensor.shape
+    row_bytes = tensor.nbytes // max(1, int(np.prod(shape[:-1])))
+    offset, nbytes = tensor.offset, tensor.nbytes
+    if rows is not None:
+        start, stop, _ = rows.indices(shape[0])
+        shape = (stop - start, *shape[1:])
+        offset, nbytes = offset + start * row_bytes, (stop - start) * row_bytes
+    raw = np.empty(nbytes, dtype=np.uint8)
+    view, done = memoryview(raw), 0
+    with open(path, "rb", buffering=0) as f:
+        f.seek(offset)
+        while done < nbytes and (n := f.readinto(view[done:])):
+            done += n
+    if done != nbytes:
+        raise LlmcadError(f"{path}: short read of tensor {tensor.name} (file truncated?)")
+    try:
+        return np.asarray(dequantize(raw.reshape(-1, row_bytes), tensor.type), dtype=np.float32).reshape(shape)
+    except NotImplementedError:
+        raise LlmcadError(f"{path}: tensor {tensor.name} has unsupported type {tensor.type.name}") from None
 
 
 def _string(buf: memoryview, pos: int) -> tuple[str, int]:

@@ -77,6 +77,15 @@ class Int8Embedding(nn.Module):
         return self.weight[ids].float() * self.scale[ids, None]
 
 
+def tied_head(embedding: nn.Module) -> nn.Module:
+    """An output head that shares `embedding`'s matrix (and int8 scales): no second copy."""
+    if isinstance(embedding, Int8Embedding):
+        return Int8Linear(embedding.weight, embedding.scale)
+    head = nn.Linear(embedding.weight.shape[1], embedding.weight.shape[0], bias=False)
+    head.weight = embedding.weight
+    return head
+
+
 def to_precision(module: nn.Module, precision: str) -> nn.Module:
     """The module in the compute precision: fp32 as is, int8 for Linear and Embedding."""
     if precision == "fp32":

@@ -18,35 +18,33 @@ Acceptance is lossless:
   by q before any is drawn, so the target distribution is preserved.
 
 A linear draft of k tokens (Leviathan et al. 2023) is the same machinery with width 1.
+When to stop growing is the fallback policy's call (llmcad/fallback.py).
+
+Pipeline (`lookahead` > 0): while the target verifies a tree, a background thread lets the
+draft continue the tree's main path (each node's first child, from the root down) by up to
+`lookahead` tokens, in draft-cache slots past the tree. If the target accepts that whole
+path and its own next token is the first continued token, the continuation is kept: that
+token is the next root, already run, and the rest seed the next tree as a chain. Otherwise
+it is dropped. The thread is joined before anything is accepted, and the amount continued
+is fixed, so runs are reproducible; greedy output is the same with and without it.
 """
 
 from __future__ import annotations
 
 import heapq
 import math
+import time
 from collections import Counter
 from collections.abc import Callable, Generator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
 
+from llmcad.fallback import Fallback
 from llmcad.model import KVCache, Transformer
 from llmcad.sampling import SamplingParams, probabilities, seeded_generator
 from llmcad.tree import TokenTree
-
-
-@dataclass(frozen=True)
-class TreeLimits:
-    max_nodes: int = 16  # drafted nodes per verification (the root not counted)
-    max_depth: int = 8
-    width: int = 4  # children per node at most
-    branch_threshold: float = 0.1  # a non-top token opens a branch at this draft probability
-    batch: int = 4  # nodes drafted per draft forward pass
-
-    @staticmethod
-    def linear(k: int) -> TreeLimits:
-        """A single chain of k drafted tokens."""
-        return TreeLimits(max_nodes=k, max_depth=k, width=1, branch_threshold=1.0, batch=1)
 
 
 @dataclass
@@ -54,6 +52,8 @@ class SpeculationStats:
     accepted: list[int] = field(default_factory=list)  # drafted tokens accepted, per verification
     tree_nodes: list[int] = field(default_factory=list)  # drafted nodes, per verification
     draft_passes: int = 0
+    lookahead_kept: int = 0  # verifications whose pipelined continuation was kept
+    steps: list[dict] = field(default_factory=list)  # per verification: sizes and timings
 
     def summary(self) -> dict:
         n = max(1, len(self.accepted))
@@ -65,18 +65,50 @@ class SpeculationStats:
             "draft_tokens": sum(self.tree_nodes),
             "draft_passes": self.draft_passes,
             "tree_nodes": sum(self.tree_nodes) / n,
+            "lookahead_kept": self.lookahead_kept,
         }
 
 
 class _Slots:
-    """A drafted node's draft distribution and the child slots it offers."""
+    """A drafted node's draft distribution q and the child slots it offers. Greedy keeps
+    only the top tokens; sampling keeps q (fp16: a tree of 64 nodes holds 64 vocabulary-sized
+    rows) and the tokens drawn so far. The proposal is q exactly as stored, renormalized."""
 
-    def __init__(self, q: torch.Tensor, limits: TreeLimits):
-        self.q = q
-        self.remaining = q.clone()  # for draws without replacement
-        top = q.topk(max(1, limits.width))
+    def __init__(self, probs: torch.Tensor, limits, keep_q: bool):
+        self.q = probs.half() if keep_q else None
+        self.drawn: list[int] = []
+        top = probs.topk(max(1, limits.width))
         self.top_probs, self.top_tokens = top.values.tolist(), top.indices.tolist()
         self.count = 1 + sum(0 < p and p >= limits.branch_threshold for p in self.top_probs[1:])
+
+    def proposal(self) -> torch.Tensor:
+        q = self.q.float()
+        return q / q.sum()
+
+    def draw(self, j: int, generator: torch.Generator | None) -> tuple[int, float]:
+        """Child slot j's token and its draft probability: the j-th most likely (greedy) or
+        a draw from q without replacement (sampling)."""
+        if self.q is None:
+            return self.top_tokens[j], self.top_probs[j]
+        q = self.proposal()
+        remaining = q.clone()
+        remaining[self.drawn] = 0.0
+        token = int(torch.multinomial(remaining, 1, generator=generator))
+        self.drawn.append(token)
+        return token, float(q[token])
+
+
+@dataclass
+class _Continuation:
+    """What the draft produced past `leaf` while the target verified: `tokens[i]` was drawn
+    (with probability `probs[i]`) from `slots[i - 1]`, or the leaf's for i = 0, and run in
+    draft-cache slot `start + i`, giving `slots[i]`."""
+
+    leaf: int
+    start: int
+    tokens: list[int]
+    probs: list[float]
+    slots: list[_Slots]
 
 
 class SpeculativeDecoder:
@@ -88,88 +120,150 @@ class SpeculativeDecoder:
         target_cache: KVCache,
         draft: Transformer,
         draft_cache: KVCache,
-        limits: TreeLimits,
+        fallback: Fallback,
         params: SamplingParams,
         on_verify: Callable[[TokenTree, list[int]], None] | None = None,
+        lookahead: int = 0,
     ):
         self.target, self.target_cache = target, target_cache
         self.draft, self.draft_cache = draft, draft_cache
-        self.limits, self.params = limits, params
+        self.fallback, self.limits, self.params = fallback, fallback.limits, params
         self.on_verify = on_verify
+        self.lookahead = lookahead
         self.generator = seeded_generator(params.seed)
+        self.lookahead_generator = seeded_generator(None if params.seed is None else params.seed + 1)
         # greedy drafting ranks tokens by the draft's plain softmax
         self.draft_params = SamplingParams(1.0) if params.greedy else params
         self.stats = SpeculationStats()
 
     def generate(self, prompt: Sequence[int]) -> Generator[int, None, None]:
         committed = list(prompt)
-        if len(committed) > 1:  # the last prompt token is the first tree's root
-            self.target(torch.tensor(committed[:-1]), torch.arange(len(committed) - 1), self.target_cache, 0, last_only=True)
-        draft_len = 0  # committed tokens whose keys/values the draft cache holds
-        while True:
-            prefix = len(committed) - 1
-            tree, slots, drafted_upto = self._grow(committed, draft_len)
-            path, bonus = self._verify(tree, slots, prefix)
-            accepted = path[1:]
-            self.stats.accepted.append(len(accepted))
-            self.stats.tree_nodes.append(tree.size - 1)
-            if self.on_verify:
-                self.on_verify(tree, path)
-            # keep only the accepted path's keys/values, moved into place behind the root
-            self.target_cache.move(torch.tensor([prefix + i for i in accepted], dtype=torch.long), prefix + 1)
-            in_draft = [i for i in accepted if i < drafted_upto]  # a prefix of the path
-            self.draft_cache.move(torch.tensor([prefix + i for i in in_draft], dtype=torch.long), prefix + 1)
-            draft_len = prefix + 1 + len(in_draft)
-            new = [int(tree.tokens[i]) for i in accepted] + [bonus]
-            committed += new
-            yield from new
+        with ThreadPoolExecutor(1, thread_name_prefix="llmcad-draft") as background:
+            draft_len = 0  # committed tokens whose keys/values the draft cache holds
+            if len(committed) > 1:  # the last prompt token is the first tree's root
+                prompt_ids, positions = torch.tensor(committed[:-1]), torch.arange(len(committed) - 1)
+                draft_prefill = background.submit(self._run_draft, prompt_ids, positions, 0, None) if self.lookahead else None
+                self.target(prompt_ids, positions, self.target_cache, 0, last_only=True)
+                if draft_prefill is not None:
+                    draft_prefill.result()
+                    draft_len = len(committed) - 1
+            carried: _Continuation | None = None
+            while True:
+                prefix = len(committed) - 1
+                tree, slots, drafted_upto = self._grow(committed, draft_len, carried)
+                ahead = background.submit(self._continue, tree, slots, prefix, drafted_upto) if self.lookahead else None
+                started = time.perf_counter()
+                io_before = self.target.io.snapshot() if hasattr(self.target, "io") else None
+                path, bonus = self._verify(tree, slots, prefix)
+                verify_s = time.perf_counter() - started
+                continuation = ahead.result() if ahead is not None else None
+                accepted = path[1:]
+                self.fallback.observe(tree, path, verify_s)
+                self._record(tree, accepted, verify_s, io_before)
+                if self.on_verify:
+                    self.on_verify(tree, path)
+                # keep only the accepted path's keys/values, moved into place behind the root
+                self.target_cache.move(torch.tensor([prefix + i for i in accepted], dtype=torch.long), prefix + 1)
+                kept = continuation is not None and continuation.leaf == path[-1] and continuation.tokens[0] == bonus
+                ran = set(range(drafted_upto)) | ({continuation.leaf} if continuation else set())
+                in_draft = [prefix + i for i in accepted if i in ran]  # a prefix of the path
+                carried = continuation if kept else None
+                if kept:
+                    in_draft += range(continuation.start, continuation.start + len(continuation.tokens))
+                    self.stats.lookahead_kept += 1
+                self.draft_cache.move(torch.tensor(in_draft, dtype=torch.long), prefix + 1)
+                draft_len = prefix + 2 + len(accepted) if kept else prefix + 1 + len(in_draft)
+                new = [int(tree.tokens[i]) for i in accepted] + [bonus]
+                committed += new
+                yield from new
 
-    def _grow(self, committed: list[int], draft_len: int) -> tuple[TokenTree, dict[int, _Slots], int]:
+    def _run_draft(self, tokens: torch.Tensor, positions: torch.Tensor, start: int, mask: torch.Tensor | None, last_only: bool = True) -> torch.Tensor:
+        """One draft pass, timed for the fallback policy."""
+        started = time.perf_counter()
+        logits = self.draft(tokens, positions, self.draft_cache, start, mask, last_only=last_only)
+        self.stats.draft_passes += 1
+        self.fallback.draft_pass(time.perf_counter() - started)
+        return logits
+
+    def _grow(self, committed: list[int], draft_len: int, carried: _Continuation | None) -> tuple[TokenTree, dict[int, _Slots], int]:
         """Draft a tree rooted at the last committed token. Returns the tree, the draft
         distribution at every node that was run, and the first node the draft did not run."""
         limits, prefix = self.limits, len(committed) - 1
         tree = TokenTree(committed[-1], limits.max_nodes + 1)
-        catch_up = committed[draft_len:]  # committed tokens the draft has not seen, root last
-        logits = self.draft(torch.tensor(catch_up), torch.arange(draft_len, prefix + 1), self.draft_cache, draft_len, last_only=True)
-        self.stats.draft_passes += 1
-        slots = {0: _Slots(probabilities(logits[-1], self.draft_params), limits)}
         heap: list[tuple[float, int, int]] = []
-        self._offer(heap, tree, slots, 0, 0)
-        drafted_upto = 1
+        if carried is not None:  # the root and a chain below it were drafted during the last verification
+            slots = {0: carried.slots[0]}
+            chain = carried.tokens[1 : 1 + min(limits.max_nodes, limits.max_depth)]
+            for i, token in enumerate(chain):
+                node = tree.add(i, token, carried.probs[i + 1])
+                slots[node] = carried.slots[i + 1]
+                self._offer(heap, tree, slots, i, 1)
+            self._offer(heap, tree, slots, len(chain), 0)
+            drafted_upto = tree.size
+        else:
+            catch_up = committed[draft_len:]  # committed tokens the draft has not seen, root last
+            logits = self._run_draft(torch.tensor(catch_up), torch.arange(draft_len, prefix + 1), draft_len, None)
+            slots = {0: self._slots(logits[-1])}
+            self._offer(heap, tree, slots, 0, 0)
+            drafted_upto = 1
         while heap and tree.size < tree.capacity:
             batch = []
             while heap and len(batch) < limits.batch and tree.size < tree.capacity:
                 _, node, j = heapq.heappop(heap)
-                token, prob = self._draw(slots[node], j)
+                token, prob = slots[node].draw(j, self.generator)
                 batch.append(tree.add(node, token, prob))
                 self._offer(heap, tree, slots, node, j + 1)
             if tree.size >= tree.capacity or all(tree.depths[c] >= limits.max_depth for c in batch):
                 break
+            if self.fallback.should_verify(tree, batch, heap):
+                break
             rows = slice(batch[0], batch[-1] + 1)
-            logits = self.draft(
-                tree.tokens[rows], prefix + tree.depths[rows], self.draft_cache, prefix + rows.start, tree.attention_mask(prefix, rows)
-            )
-            self.stats.draft_passes += 1
+            logits = self._run_draft(tree.tokens[rows], prefix + tree.depths[rows], prefix + rows.start, tree.attention_mask(prefix, rows), last_only=False)
             drafted_upto = rows.stop
             for row, node in enumerate(batch):
-                if tree.depths[node] < limits.max_depth:
-                    slots[node] = _Slots(probabilities(logits[row], self.draft_params), limits)
-                    self._offer(heap, tree, slots, node, 0)
+                slots[node] = self._slots(logits[row])
+                self._offer(heap, tree, slots, node, 0)
         return tree, slots, drafted_upto
 
-    @staticmethod
-    def _offer(heap: list, tree: TokenTree, slots: dict[int, _Slots], node: int, j: int) -> None:
+    def _continue(self, tree: TokenTree, slots: dict[int, _Slots], prefix: int, drafted_upto: int) -> _Continuation:
+        """Extend the tree's main path by `lookahead` tokens (runs while the target verifies)."""
+        leaf = 0
+        while tree.children[leaf]:
+            leaf = tree.children[leaf][0]
+        start = prefix + tree.capacity  # draft-cache slots past the tree's
+        if leaf not in slots:  # the leaf itself was never run
+            rows = slice(leaf, leaf + 1)
+            logits = self._run_draft(tree.tokens[rows], prefix + tree.depths[rows], prefix + leaf, tree.attention_mask(prefix, rows))
+            slots[leaf] = self._slots(logits[-1])
+        mask = torch.cat((torch.ones(prefix, dtype=torch.bool), tree.mask[leaf], torch.ones(self.lookahead, dtype=torch.bool)))
+        depth = prefix + int(tree.depths[leaf])
+        previous, tokens, probs, run = slots[leaf], [], [], []
+        for i in range(self.lookahead):
+            token, prob = previous.draw(0, self.lookahead_generator)
+            logits = self._run_draft(torch.tensor([token]), torch.tensor([depth + 1 + i]), start + i, mask[None, : start + i + 1])
+            previous = self._slots(logits[-1])
+            tokens.append(token)
+            probs.append(prob)
+            run.append(previous)
+        return _Continuation(leaf, start, tokens, probs, run)
+
+    def _slots(self, logits: torch.Tensor) -> _Slots:
+        return _Slots(probabilities(logits, self.draft_params), self.limits, keep_q=not self.params.greedy)
+
+    def _record(self, tree: TokenTree, accepted: list[int], verify_s: float, io_before) -> None:
+        self.stats.accepted.append(len(accepted))
+        self.stats.tree_nodes.append(tree.size - 1)
+        step = {"accepted": len(accepted), "tree_nodes": tree.size - 1, "verify_s": verify_s, **self.fallback.state()}
+        if io_before is not None:
+            io = self.target.io.since(io_before)
+            step["io_wait_share"] = io["io_wait_s"] / verify_s if verify_s else 0.0
+        self.stats.steps.append(step)
+
+    def _offer(self, heap: list, tree: TokenTree, slots: dict[int, _Slots], node: int, j: int) -> None:
         s = slots[node]
-        if j < s.count:
+        if j < s.count and tree.depths[node] < self.limits.max_depth:
             score = float(tree.logp[node]) + math.log(max(s.top_probs[j], 1e-30))
             heapq.heappush(heap, (-score, node, j))
-
-    def _draw(self, s: _Slots, j: int) -> tuple[int, float]:
-        if self.params.greedy:
-            return s.top_tokens[j], s.top_probs[j]
-        token = int(torch.multinomial(s.remaining, 1, generator=self.generator))
-        s.remaining[token] = 0.0
-        return token, float(s.q[token])
 
     def _verify(self, tree: TokenTree, slots: dict[int, _Slots], prefix: int) -> tuple[list[int], int]:
         """One target pass over the whole tree; returns the accepted path (root first) and
@@ -196,7 +290,7 @@ class SpeculativeDecoder:
         """The accepted child of `node`, or the residual distribution to sample from."""
         if s is None or not tree.children[node]:
             return p
-        q = s.q.clone()
+        q = s.proposal()
         for child in tree.children[node]:
             x = int(tree.tokens[child])
             if float(torch.rand(1, generator=self.generator)) * float(q[x]) < float(p[x]):

@@ -4,6 +4,7 @@ sampling draws from the target's own distribution (checked statistically)."""
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -13,14 +14,19 @@ from llmcad.engine import Engine
 from llmcad.errors import LlmcadError
 from llmcad.model import KVCache, Transformer
 from llmcad.sampling import SamplingParams, probabilities
-from llmcad.speculative import SpeculativeDecoder, TreeLimits
+from llmcad.fallback import ConfidenceFallback, CostFallback, Fallback, TreeLimits
+from llmcad.speculative import SpeculativeDecoder
+from llmcad.tree import TokenTree
 from conftest import make_tiny_hf
 
 LIMITS = {
-    "sd-1": ("sd", TreeLimits.linear(1)),
-    "sd-4": ("sd", TreeLimits.linear(4)),
-    "tree-8": ("tree", TreeLimits(max_nodes=8, max_depth=4, width=3, branch_threshold=0.05, batch=2)),
-    "tree-32": ("tree", TreeLimits(max_nodes=32, max_depth=8, width=4, branch_threshold=0.02, batch=8)),
+    "sd-1": ("sd", TreeLimits.linear(1), {}),
+    "sd-4": ("sd", TreeLimits.linear(4), {}),
+    "tree-8": ("tree", TreeLimits(max_nodes=8, max_depth=4, width=3, branch_threshold=0.05, batch=2), {}),
+    "tree-32": ("tree", TreeLimits(max_nodes=32, max_depth=8, width=4, branch_threshold=0.02, batch=8), {}),
+    # the full loop, with the pipeline forced on (these targets are resident)
+    **{f"llmcad-{f}": ("llmcad", None, {"fallback": f, "pipeline": True}) for f in ("fixed", "llmcad", "cost")},
+    "llmcad-no-pipeline": ("llmcad", None, {"pipeline": False}),
 }
 
 
@@ -47,10 +53,10 @@ def ar_tokens(pair) -> dict:
 
 @pytest.mark.parametrize("setting", LIMITS)
 def test_greedy_equals_target_alone(pair, ar_tokens, setting):
-    mode, limits = LIMITS[setting]
+    mode, limits, options = LIMITS[setting]
     accepted = 0
     for case in CASES:
-        result = pair.generate(prompt_for(*case), max_tokens=24, ignore_eos=True, mode=mode, limits=limits)
+        result = pair.generate(prompt_for(*case), max_tokens=24, ignore_eos=True, mode=mode, limits=limits, **options)
         assert result.tokens == ar_tokens[case], (setting, case)
         accepted += result.stats.extra["accepted_per_verification"]
     assert accepted > 0  # the draft is close enough that speculation did real work
@@ -112,7 +118,7 @@ def sampled_marginals(decoder_cls, target: Transformer, draft: Transformer) -> l
     t_cache, d_cache = KVCache(target.config, 32), KVCache(draft.config, 32)
     for seed in range(SAMPLES):
         params = SamplingParams(SAMPLING.temperature, seed=seed)
-        tokens = decoder_cls(target, t_cache, draft, d_cache, TREE, params).generate(PROMPT)
+        tokens = decoder_cls(target, t_cache, draft, d_cache, Fallback(TREE), params).generate(PROMPT)
         for position in range(3):
             counts[position][next(tokens)] += 1
         tokens.close()
@@ -143,7 +149,7 @@ class BrokenRule(SpeculativeDecoder):
             return p
         for child in tree.children[node]:
             x = int(tree.tokens[child])
-            if float(torch.rand(1, generator=self.generator)) * float(s.q[x]) < float(p[x]):
+            if float(torch.rand(1, generator=self.generator)) * float(s.proposal()[x]) < float(p[x]):
                 return child
         return p
 
@@ -172,9 +178,90 @@ def test_cli_tree_mode_json_and_show_tree(tiny_llama, capsys):
     assert cli.main(["generate", "--target", str(tiny_llama), "--draft", str(tiny_llama), "--precision", "fp32",
                      "--max-tokens", "12", "--ignore-eos", "--json", "hello"]) == 0
     out = json.loads(capsys.readouterr().out)
-    assert out["stats"]["mode"] == "tree" and out["stats"]["verifications"] >= 1
+    assert out["stats"]["mode"] == "llmcad" and out["stats"]["fallback"] == "llmcad" and out["stats"]["verifications"] >= 1
     assert out["stats"]["new_tokens"] == len(out["tokens"]) == 12
     assert cli.main(["generate", "--target", str(tiny_llama), "--draft", str(tiny_llama), "--draft-precision", "fp32",
                      "--mode", "sd", "--draft-tokens", "3", "--max-tokens", "8", "--ignore-eos", "--show-tree", "hello"]) == 0
     err = capsys.readouterr().err
     assert "--- tree: 3 drafted, 3 accepted" in err and "*" in err and "tokens per verification" in err
+
+
+# ---- the LLMCad loop: pipeline, fallback policies, stopping mid-stream ---------------------
+
+
+def test_pipelined_continuation_is_kept_when_the_target_agrees(tiny_llama):
+    """With the target as its own draft the whole main path is always accepted and the
+    target's next token is the draft's: every continuation drafted during verification is
+    kept, seeds the next tree, and the output is still the target's own."""
+    engine = Engine.load(tiny_llama, draft=tiny_llama, precision="fp32", draft_precision="fp32", progress=False)
+    expected = engine.generate("abc", max_tokens=40, ignore_eos=True, mode="ar").tokens
+    result = engine.generate("abc", max_tokens=40, ignore_eos=True, mode="llmcad", fallback="fixed", pipeline=True)
+    stats = result.stats.extra
+    assert result.tokens == expected
+    assert stats["lookahead"] > 0 and stats["lookahead_kept"] == stats["verifications"]
+    # trees after the first start with the carried chain, so no catch-up draft pass is needed
+    assert stats["draft_passes"] < stats["verifications"] * (1 + stats["lookahead"] + 12)
+
+
+def test_llmcad_sampling_preserves_the_target_distribution(sampling_pair):
+    """The confidence fallback and the pipeline (continuations drawn from the draft while
+    the target verifies, kept when they extend the accepted path) keep sampling lossless."""
+    target, draft, expected = sampling_pair
+
+    class Pipelined(SpeculativeDecoder):
+        def __init__(self, target, t_cache, draft, d_cache, fallback, params):
+            super().__init__(target, t_cache, draft, d_cache, ConfidenceFallback(fallback.limits, threshold=0.05), params, lookahead=3)
+
+    p_values = fit_p_values(sampled_marginals(Pipelined, target, draft), expected)
+    assert min(p_values) > 1e-3, p_values
+
+
+def test_closing_a_stream_midway_leaves_the_engine_usable(pair, ar_tokens):
+    case = CASES[-1]
+    stream = pair.stream(prompt_for(*case), max_tokens=24, ignore_eos=True, mode="llmcad", pipeline=True)
+    pieces = [next(stream) for _ in range(3)]
+    assert any(p.step is not None for p in pieces)  # per-step figures ride on the stream
+    assert {"accepted", "tree_nodes", "verify_s"} <= set(next(p.step for p in pieces if p.step))
+    stream.close()
+    result = pair.generate(prompt_for(*case), max_tokens=24, ignore_eos=True, mode="llmcad", pipeline=True)
+    assert result.tokens == ar_tokens[case]
+
+
+def _tree(probs: list[float]) -> TokenTree:
+    """A chain root -> 1 -> 2 ... with these draft probabilities."""
+    tree = TokenTree(0, 16)
+    for i, p in enumerate(probs):
+        tree.add(i, i + 1, p)
+    return tree
+
+
+def test_confidence_fallback_verifies_sooner_after_early_rejections_and_later_after_full_acceptance():
+    policy = ConfidenceFallback(TreeLimits(), threshold=0.02, rate=0.5, relax=0.5)
+    tree = _tree([0.9, 0.5, 0.4, 0.3])  # cumulative 0.9, 0.45, 0.18, 0.054
+    assert not policy.should_verify(tree, [4], [])  # 0.054 >= 0.02
+    policy.observe(tree, [0, 1], verify_s=1.0)  # node 2 (confidence 0.45) rejected: move toward it
+    assert policy.threshold == pytest.approx(math.exp((math.log(0.02) + math.log(0.45)) / 2))  # 0.095
+    assert policy.should_verify(tree, [4], [])  # 0.054 is now below the threshold
+    raised = policy.threshold
+    policy.observe(tree, [0, 1, 2, 3, 4], verify_s=1.0)  # all accepted: draft longer next time
+    assert policy.threshold == pytest.approx(raised * 0.5)
+
+
+def test_cost_fallback_stops_when_drafting_costs_more_than_it_brings():
+    limits = TreeLimits(max_nodes=32, max_depth=12, batch=4)
+    tree = _tree([0.9, 0.8, 0.7])
+    candidates = [(-math.log(0.9 * 0.8 * 0.7 * 0.6), 3, 0)]
+    slow_target = CostFallback(limits)
+    slow_target.observe(tree, [0, 1, 2, 3], verify_s=1.0)
+    slow_target.draft_pass(0.01)  # verification 100x a draft pass: keep drafting
+    assert not slow_target.should_verify(tree, [3], candidates)
+    slow_draft = CostFallback(limits)
+    slow_draft.observe(tree, [0, 1, 2, 3], verify_s=0.01)
+    slow_draft.draft_pass(1.0)  # a draft pass 100x a verification: verify now
+    assert slow_draft.should_verify(tree, [3], candidates)
+    assert slow_target.acceptance(0.75) > 0.7  # accepted nodes pull their bin up
+
+
+def test_unknown_fallback_is_a_clear_error(pair):
+    with pytest.raises(LlmcadError, match="unknown fallback policy"):
+        pair.generate("abc", max_tokens=2, mode="llmcad", fallback="sometimes")

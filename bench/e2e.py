@@ -1,0 +1,176 @@
+"""The whole engine under a memory limit: the default pair, greedy, modes ar / sd / tree /
+llmcad side by side, each run in its own process inside a memory cgroup of the budget, the
+target's store dropped from the page cache before every run.
+
+Per run: decode tokens/s, speedup over `ar` at the same budget and prompt, tokens per
+verification (accepted + the target's own), bytes streamed per verification, and
+efficiency = tokens/s / (tokens per verification x raw read bandwidth / bytes per
+verification), i.e. against a pipeline that only reads the streamed bytes at the disk's raw
+speed (measured in the same run). `ar` decodes fewer tokens (--ar-tokens): one full pass
+per token, its rate does not change with length.
+
+    python bench/e2e.py                                   # 1300 MB and 2000 MB, code + chat
+    python bench/e2e.py --budgets 1300MB --kinds code --limit 2
+
+Writes bench/results/e2e.json and e2e.png (--out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+from common import RESULTS, load_prompts, machine_info, md_table, write_json
+from stream import evict, raw_read_gbps
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from llmcad.budget import MB, parse_size  # noqa: E402
+from llmcad.hub import DEFAULT_DRAFT, DEFAULT_TARGET, resolve_model  # noqa: E402
+from llmcad.store import ensure_store  # noqa: E402
+from llmcad.weights import open_checkpoint  # noqa: E402
+from tests.cgroup import cgroup_unavailable, run_limited  # noqa: E402
+
+MODES = ("ar", "sd", "tree", "llmcad")
+
+
+def one_run(args: argparse.Namespace) -> None:
+    """In the child process: one generation, printed as JSON (stats, per-step figures)."""
+    from llmcad.engine import Engine
+
+    with Engine.load(args.target, draft=args.draft, memory_budget=args.budget, fallback=args.fallback, progress=False) as engine:
+        ids = engine.chat_prompt([{"role": "user", "content": args.prompt}])
+        steps, tokens, final = [], [], None
+        for piece in engine.stream(ids, max_tokens=args.tokens, ignore_eos=True, mode=args.mode):
+            tokens += piece.token_ids
+            if piece.step is not None:
+                steps.append(piece.step)
+            final = piece.stats or final
+        plan = engine.plan
+        print(json.dumps({"stats": final.to_dict(), "steps": steps, "tokens": tokens,
+                          "plan": {"resident_layers": len(plan.resident_layers), "bytes_per_pass": plan.bytes_per_pass}}))
+
+
+def run(target: Path, draft: Path, store: Path, mode: str, budget: int, prompt: str, tokens: int, fallback: str) -> dict:
+    evict(store.iterdir())
+    cmd = [sys.executable, __file__, "--one", "--mode", mode, "--budget", str(budget), "--tokens", str(tokens),
+           "--target", str(target), "--draft", str(draft), "--fallback", fallback, "--prompt", prompt]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    if cgroup_unavailable() is None:
+        result, peak = run_limited(budget, cmd, capture_output=True, text=True, env=env)
+    else:
+        result, peak = subprocess.run(cmd, capture_output=True, text=True, env=env), None
+    if result.returncode != 0:
+        return {"error": f"exit {result.returncode}: {result.stderr[-400:]}", "cgroup_peak_mb": peak and peak / MB}
+    out = json.loads(result.stdout)
+    s = out["stats"]
+    return {
+        "tokens_per_s": s["decode_tokens_per_s"],
+        "tokens_per_verification": s.get("tokens_per_verification", 1.0),
+        "accepted_per_verification": s.get("accepted_per_verification", 0.0),
+        "tree_nodes": s.get("tree_nodes"),
+        "lookahead_kept": s.get("lookahead_kept"),
+        "verifications": s.get("verifications", s["new_tokens"]),
+        "bytes_per_verification": s["bytes_read"] / max(1, s["target_passes"]),
+        "io_wait_s": s["io_wait_s"],
+        "peak_rss_mb": s["peak_rss_mb"],
+        "cgroup_peak_mb": peak and peak / MB,
+        "accepted_over_time": [step["accepted"] for step in out["steps"]],
+        "tokens": out["tokens"],
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--target", default=DEFAULT_TARGET)
+    p.add_argument("--draft", default=DEFAULT_DRAFT)
+    p.add_argument("--budgets", default="1300MB,2000MB")
+    p.add_argument("--kinds", default="code,chat")
+    p.add_argument("--limit", type=int, default=1, help="prompts per kind (default %(default)s)")
+    p.add_argument("--tokens", type=int, default=128)
+    p.add_argument("--ar-tokens", type=int, default=32)
+    p.add_argument("--modes", default=",".join(MODES))
+    p.add_argument("--fallback", default="llmcad")
+    p.add_argument("--out", type=Path, default=RESULTS / "e2e.json")
+    p.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--mode", help=argparse.SUPPRESS)
+    p.add_argument("--budget", help=argparse.SUPPRESS)
+    p.add_argument("--prompt", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.one:
+        return one_run(args)
+    target, draft = resolve_model(args.target), resolve_model(args.draft)
+    store = ensure_store(open_checkpoint(target), "int8", progress=True)
+    files = [store.layer_path(i) for i in range(store.config.num_layers)]
+    results = {"benchmark": "e2e", "machine": machine_info(), "settings": {k: str(v) for k, v in vars(args).items()},
+               "cgroup": cgroup_unavailable() or "each run in a memory cgroup of its budget",
+               "peers": {"llama.cpp": "not run: the local build dies with SIGILL on this CPU",
+                         "airllm": "not installed", "transformers assisted generation": "not run (no disk-offload setup here)"},
+               "runs": []}
+    for budget in [parse_size(b) for b in args.budgets.split(",")]:
+        for prompt in load_prompts(args.kinds.split(","), args.limit):
+            ar_rate = None
+            for mode in args.modes.split(","):
+                raw = raw_read_gbps(files)
+                row = run(target, draft, store.path, mode, budget, prompt["prompt"], args.ar_tokens if mode == "ar" else args.tokens, args.fallback)
+                row.update(budget_mb=budget / MB, kind=prompt["kind"], prompt_id=prompt["id"], mode=mode, raw_read_gbps=raw)
+                if "error" not in row:
+                    ar_rate = row["tokens_per_s"] if mode == "ar" else ar_rate
+                    row["speedup_vs_ar"] = row["tokens_per_s"] / ar_rate if ar_rate else None
+                    per_token_read_s = row["bytes_per_verification"] / (raw * 1e9) / row["tokens_per_verification"]
+                    row["efficiency"] = row["tokens_per_s"] * per_token_read_s if row["bytes_per_verification"] else None
+                results["runs"].append(row)
+                print(json.dumps({k: v for k, v in row.items() if k not in ("tokens", "accepted_over_time")}), flush=True)
+                write_json(args.out, results)
+    ok = [r for r in results["runs"] if "error" not in r]
+    groups = sorted({(r["budget_mb"], r["kind"], r["mode"]) for r in ok}, key=lambda g: (g[0], g[1], MODES.index(g[2])))
+    summary = []
+    for budget_mb, kind, mode in groups:
+        rs = [r for r in ok if (r["budget_mb"], r["kind"], r["mode"]) == (budget_mb, kind, mode)]
+        med = lambda key: statistics.median(r[key] for r in rs) if all(r.get(key) is not None for r in rs) else None  # noqa: E731
+        summary.append({"budget_mb": budget_mb, "kind": kind, "mode": mode, "runs": len(rs), "tokens_per_s": med("tokens_per_s"),
+                        "speedup_vs_ar": med("speedup_vs_ar"), "tokens_per_verification": med("tokens_per_verification"),
+                        "efficiency": med("efficiency"), "peak_rss_mb": max(r["peak_rss_mb"] for r in rs)})
+    results["summary"] = summary
+    speculative = [r for r in ok if r["mode"] != "ar"]
+    results["tokens_identical_to_ar_prefix"] = all(
+        r["tokens"][: len(a["tokens"])] == a["tokens"]
+        for r in speculative for a in ok if a["mode"] == "ar" and (a["budget_mb"], a["prompt_id"]) == (r["budget_mb"], r["prompt_id"])
+    )
+    write_json(args.out, results)
+    print(md_table(["budget MB", "kind", "mode", "tok/s", "x ar", "tokens/verification", "efficiency", "peak RSS MB"],
+                   [[round(s["budget_mb"]), s["kind"], s["mode"], s["tokens_per_s"], s["speedup_vs_ar"], s["tokens_per_verification"],
+                     s["efficiency"], s["peak_rss_mb"]] for s in summary]))
+    plot(results, args.out.with_suffix(".png"))
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(13, 4.5))
+    cells = sorted({(s["budget_mb"], s["kind"]) for s in results["summary"]})
+    width = 0.8 / len(MODES)
+    for i, mode in enumerate(MODES):
+        values = [next((s["tokens_per_s"] for s in results["summary"] if (s["budget_mb"], s["kind"], s["mode"]) == (*c, mode)), 0) for c in cells]
+        a.bar([x + i * width for x in range(len(cells))], values, width, label=mode)
+    a.set_xticks([x + 0.4 - width / 2 for x in range(len(cells))], [f"{round(m)} MB\n{k}" for m, k in cells])
+    a.set(title="decode tokens/s (median)", ylabel="tokens/s")
+    a.legend()
+    for r in results["runs"]:
+        if r.get("mode") in ("tree", "llmcad") and r.get("accepted_over_time"):
+            b.plot(r["accepted_over_time"], label=f"{r['mode']} {round(r['budget_mb'])} MB {r['kind']}", alpha=0.8)
+    b.set(title="accepted tokens per verification", xlabel="verification")
+    b.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    main()

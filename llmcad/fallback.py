@@ -1,0 +1,170 @@
+"""Fallback policies: when the draft stops growing a token tree and hands it to the target.
+
+The decoder grows a tree best-first, one draft pass per batch of nodes, and asks its policy
+before every further draft pass; after each verification it tells the policy what the
+target accepted and how long things took. `TreeLimits` stay hard caps for every policy.
+
+- `fixed`: grow to the caps (max nodes, max depth), the token-tree mode.
+- `llmcad`: LLMCad's rule. The tree's cumulative confidence is the cumulative draft
+  probability (product along the path) of the best node just added; growth is best-first,
+  so every node still to come is less likely than it. Verify once it drops below the
+  threshold t. After a verification, let P be the last accepted node:
+    - P has drafted children (drafting ran past the first rejection): move t toward the
+      confidence c of P's most likely child, in log space: log t += rate * (log c - log t);
+    - P is a leaf (everything drafted on that path was accepted): t *= relax (draft longer).
+  t stays within [1e-4, 0.9].
+- `cost`: ours. Keep drafting while one more draft pass raises the expected accepted tokens
+  per second of the whole step (drafting plus verification). Expected accepted tokens are
+  the sum over nodes of the probability that the target accepts the node's path, from an
+  online calibration of draft probability against observed acceptance; times are measured:
+  a draft pass (moving average) and a verification as a linear function of tree size
+  (least squares over recent verifications, which on a streamed target include its IO).
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections import deque
+from dataclasses import dataclass
+
+from llmcad.tree import TokenTree
+
+FALLBACKS = ("fixed", "llmcad", "cost")
+
+
+@dataclass(frozen=True)
+class TreeLimits:
+    max_nodes: int = 16  # drafted nodes per verification (the root not counted)
+    max_depth: int = 8
+    width: int = 4  # children per node at most
+    branch_threshold: float = 0.1  # a non-top token opens a branch at this draft probability
+    batch: int = 4  # nodes drafted per draft forward pass
+
+    @staticmethod
+    def linear(k: int) -> TreeLimits:
+        """A single chain of k drafted tokens."""
+        return TreeLimits(max_nodes=k, max_depth=k, width=1, branch_threshold=1.0, batch=1)
+
+
+class Fallback:
+    """The `fixed` policy, and the interface of the others: grow to the caps."""
+
+    name = "fixed"
+
+    def __init__(self, limits: TreeLimits):
+        self.limits = limits
+
+    def draft_pass(self, seconds: float) -> None:
+        """A draft pass of the current tree took `seconds`."""
+
+    def should_verify(self, tree: TokenTree, batch: list[int], candidates: list[tuple[float, int, int]]) -> bool:
+        """Stop growing before the next draft pass? `batch` holds the nodes just added;
+        `candidates` are the open child slots as (-cumulative log-prob, node, slot)."""
+        return False
+
+    def observe(self, tree: TokenTree, path: list[int], verify_s: float) -> None:
+        """The target accepted `path` (root first) of `tree` in a pass of `verify_s` seconds."""
+
+    def state(self) -> dict:
+        """Figures worth reporting per step."""
+        return {}
+
+
+class ConfidenceFallback(Fallback):
+    name = "llmcad"
+
+    def __init__(self, limits: TreeLimits, threshold: float = 0.02, rate: float = 0.25, relax: float = 0.5):
+        super().__init__(limits)
+        self.threshold, self.rate, self.relax = threshold, rate, relax
+
+    def should_verify(self, tree, batch, candidates) -> bool:
+        return math.exp(max(float(tree.logp[n]) for n in batch)) < self.threshold
+
+    def observe(self, tree, path, verify_s) -> None:
+        last = path[-1]
+        if tree.children[last]:
+            confidence = max(math.exp(float(tree.logp[c])) for c in tree.children[last])
+            log_t = math.log(self.threshold)
+            self.threshold = math.exp(log_t + self.rate * (math.log(max(confidence, 1e-30)) - log_t))
+        else:
+            self.threshold *= self.relax
+        self.threshold = min(0.9, max(1e-4, self.threshold))
+
+    def state(self) -> dict:
+        return {"threshold": self.threshold}
+
+
+class CostFallback(Fallback):
+    name = "cost"
+    BUCKETS = 10  # calibration bins over the draft probability of a node given its parent
+    PRIOR = 4.0  # pseudo-observations at "acceptance = draft probability" per bin
+
+    def __init__(self, limits: TreeLimits):
+        super().__init__(limits)
+        self.offered = [0.0] * self.BUCKETS
+        self.accepted = [0.0] * self.BUCKETS
+        self.draft_s: float | None = None  # moving average of one draft pass
+        self.tree_draft_s = 0.0  # drafting time of the tree being grown
+        self.verifications: deque[tuple[int, float]] = deque(maxlen=64)  # (tree nodes, seconds)
+
+    def _bucket(self, q: float) -> int:
+        return min(self.BUCKETS - 1, int(q * self.BUCKETS))
+
+    def acceptance(self, q: float) -> float:
+        """Calibrated probability that the target accepts a node drafted with probability q,
+        given that it accepted the node's parent."""
+        b = self._bucket(q)
+        return (self.accepted[b] + self.PRIOR * q) / (self.offered[b] + self.PRIOR)
+
+    def verify_s(self, nodes: int) -> float:
+        """Predicted seconds of a verification of a tree of `nodes` nodes."""
+        xs, ys = [n for n, _ in self.verifications], [s for _, s in self.verifications]
+        if len(set(xs)) < 2:
+            return statistics.fmean(ys)
+        slope = max(0.0, statistics.linear_regression(xs, ys).slope)
+        return statistics.fmean(ys) + slope * (nodes - statistics.fmean(xs))
+
+    def draft_pass(self, seconds: float) -> None:
+        self.tree_draft_s += seconds
+        self.draft_s = seconds if self.draft_s is None else 0.8 * self.draft_s + 0.2 * seconds
+
+    def _reach(self, tree: TokenTree) -> list[float]:
+        """Probability that the target accepts each node's whole path, for nodes 0..size."""
+        reach = [1.0] * tree.size
+        for i in range(1, tree.size):
+            reach[i] = reach[int(tree.parents[i])] * self.acceptance(float(tree.probs[i]))
+        return reach
+
+    def should_verify(self, tree, batch, candidates) -> bool:
+        if not self.verifications or self.draft_s is None:
+            return False  # nothing measured yet: grow to the caps once
+        reach = self._reach(tree)
+        expected = sum(reach[1:])
+        elapsed = self.tree_draft_s + self.verify_s(tree.size)
+        rate_now = (expected + 1) / elapsed
+        # what the next pass could add: open slots, plus the just-drafted nodes' best children
+        gains = [reach[node] * self.acceptance(math.exp(-neg - float(tree.logp[node]))) for neg, node, _ in candidates]
+        gains += [reach[node] * self.acceptance(0.9) for node in batch if tree.depths[node] < self.limits.max_depth]
+        room = min(self.limits.batch, tree.capacity - tree.size)
+        gain = sum(sorted(gains, reverse=True)[:room])
+        cost = self.draft_s + self.verify_s(tree.size + room) - self.verify_s(tree.size)
+        return (expected + gain + 1) / (elapsed + cost) <= rate_now
+
+    def observe(self, tree, path, verify_s) -> None:
+        on_path = set(path)
+        for node in path:
+            for child in tree.children[node]:
+                b = self._bucket(float(tree.probs[child]))
+                self.offered[b] += 1
+                self.accepted[b] += child in on_path
+        self.verifications.append((tree.size, verify_s))
+        self.tree_draft_s = 0.0
+
+    def state(self) -> dict:
+        return {"expected_verify_s": round(self.verify_s(1), 4)} if self.verifications else {}
+
+
+def make_fallback(name: str, limits: TreeLimits) -> Fallback:
+    policies = {"fixed": Fallback, "llmcad": ConfidenceFallback, "cost": CostFallback}
+    return policies[name](limits)
