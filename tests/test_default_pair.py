@@ -1,5 +1,5 @@
 """The default pair (Qwen2.5-Coder 0.5B drafting for 1.5B, fetched on first use): greedy
-`sd` and `tree` produce exactly the target's own greedy tokens on three prompts."""
+`sd`, `tree` and `llmcad` (both adaptive fallbacks, pipeline on) produce exactly the target's own greedy tokens on three prompts."""
 
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ def test_speculation_reproduces_the_target(engine, prompt):
     own decode step computes."""
     ids = engine.chat_prompt([{"role": "user", "content": prompt}])
     expected = engine.generate(ids, max_tokens=32, ignore_eos=True, mode="ar").tokens
-    for mode in ("sd", "tree"):
-        result = engine.generate(ids, max_tokens=32, ignore_eos=True, mode=mode)
+    for mode, options in (("sd", {}), ("tree", {}), ("llmcad", {"pipeline": True}), ("llmcad", {"fallback": "cost", "pipeline": True})):
+        result = engine.generate(ids, max_tokens=32, ignore_eos=True, mode=mode, **options)
         assert result.stats.extra["accepted_per_verification"] > 0.5, mode  # the draft helps
         assert result.tokens == expected, mode
