@@ -19,21 +19,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
 from pathlib import Path
 
 from common import RESULTS, load_prompts, machine_info, md_table, write_json
-from stream import evict, raw_read_gbps
+from stream import evict, raw_read_gbps, run_in_budget
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from llmcad.budget import MB, parse_size  # noqa: E402
 from llmcad.hub import DEFAULT_DRAFT, DEFAULT_TARGET, resolve_model  # noqa: E402
 from llmcad.store import ensure_store  # noqa: E402
 from llmcad.weights import open_checkpoint  # noqa: E402
-from tests.cgroup import cgroup_unavailable, run_limited  # noqa: E402
+from tests.cgroup import cgroup_unavailable  # noqa: E402
 
 MODES = ("ar", "sd", "tree", "llmcad")
 
@@ -59,11 +57,7 @@ def run(target: Path, draft: Path, store: Path, mode: str, budget: int, prompt: 
     evict(store.iterdir())
     cmd = [sys.executable, __file__, "--one", "--mode", mode, "--budget", str(budget), "--tokens", str(tokens),
            "--target", str(target), "--draft", str(draft), "--fallback", fallback, "--prompt", prompt]
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    if cgroup_unavailable() is None:
-        result, peak = run_limited(budget, cmd, capture_output=True, text=True, env=env)
-    else:
-        result, peak = subprocess.run(cmd, capture_output=True, text=True, env=env), None
+    result, peak = run_in_budget(budget, cmd)
     if result.returncode != 0:
         return {"error": f"exit {result.returncode}: {result.stderr[-400:]}", "cgroup_peak_mb": peak and peak / MB}
     out = json.loads(result.stdout)

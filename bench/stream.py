@@ -81,15 +81,20 @@ def pure_compute_s_per_pass(target: Path, precision: str, tokens: int) -> tuple[
         torch.set_num_threads(threads)
 
 
+def run_in_budget(budget: int, cmd: list[str]) -> tuple[subprocess.CompletedProcess, int | None]:
+    """Run `cmd` (with this repository importable) in a memory cgroup of `budget` bytes where
+    the machine allows one, else plainly; returns the result and the cgroup's peak bytes."""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    if cgroup_unavailable() is None:
+        return run_limited(budget, cmd, capture_output=True, text=True, env=env)
+    return subprocess.run(cmd, capture_output=True, text=True, env=env), None
+
+
 def run_budget(target: Path, precision: str, budget: int, tokens: int, store: Path) -> dict:
     evict(store.iterdir())
     cmd = [sys.executable, "-m", "llmcad.cli", "generate", "--target", str(target), "--precision", precision,
            "--memory-budget", str(budget), "--max-context", "2048", "--max-tokens", str(tokens), "--ignore-eos", "--json", PROMPT]
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    if cgroup_unavailable() is None:
-        result, peak = run_limited(budget, cmd, capture_output=True, text=True, env=env)
-    else:
-        result, peak = subprocess.run(cmd, capture_output=True, text=True, env=env), None
+    result, peak = run_in_budget(budget, cmd)
     if result.returncode != 0:
         return {"budget_mb": budget / MB, "error": f"exit {result.returncode}: {result.stderr[-500:]}", "cgroup_peak_mb": peak and peak / MB}
     out = json.loads(result.stdout)
