@@ -627,7 +627,7 @@ def test_metrics_report_verifications_with_a_draft(model, tmp_path):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        engine = Engine.load(model, draft=model, precision="fp32", draft_precision="fp32", max_context=CONTEXT, progress=False)
+        engine = Engine.load(model, draft=model, mode="tree", precision="fp32", draft_precision="fp32", max_context=CONTEXT, progress=False)  # fixed limits: llmcad learns between the two generations
         server = make_server(engine, "127.0.0.1", 0)
         thread = threading.Thread(target=server.serve_forever, daemon=True)
         thread.start()
