@@ -220,7 +220,11 @@ class Engine:
         lookahead = min(LOOKAHEAD, self.tree_slots - 1 - limits.max_nodes) if pipeline and limits is not None else 0
         self._check_lengths(len(ids), max_tokens)
         stops = [stop] if isinstance(stop, str) else list(stop)
-        policy = self._policies.setdefault((fallback, limits), make_fallback(fallback, limits)) if limits else None
+        policy = None
+        if limits is not None:
+            if (fallback, limits) not in self._policies:
+                self._policies[fallback, limits] = make_fallback(fallback, limits)
+            policy = self._policies[fallback, limits]
         return self._stream(ids, params, mode, policy, lookahead, on_verify, max_tokens, stops, ignore_eos)
 
     def _stream(self, ids, params, mode, policy, lookahead, on_verify, max_tokens, stop, ignore_eos) -> Iterator[Piece]:
