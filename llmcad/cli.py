@@ -115,45 +115,46 @@ def _load_engine(args: argparse.Namespace, progress: bool):
 def _generate(args: argparse.Namespace) -> int:
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     progress = not args.json and sys.stderr.isatty()  # bars only on a terminal, never in a log
-    engine = _load_engine(args, progress)
-    limits = default_limits(engine.mode, engine.tree_slots)
-    if engine.mode == "sd":
-        limits = TreeLimits.linear(args.draft_tokens)
-    elif limits is not None:
-        given = dict(max_nodes=args.tree_nodes, max_depth=args.tree_depth, width=args.tree_width, branch_threshold=args.branch_threshold)
-        limits = dataclasses.replace(limits, **{k: v for k, v in given.items() if v is not None})
-    ids = engine.chat_prompt([{"role": "user", "content": prompt}]) if args.chat else engine.tokenizer.encode(prompt)
-    options = dict(
-        max_tokens=args.max_tokens,
-        temperature=args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        seed=args.seed,
-        stop=args.stop,
-        ignore_eos=args.ignore_eos,
-        limits=limits,
-        pipeline=False if args.no_pipeline else None,
-        on_verify=_tree_printer(engine.tokenizer) if args.show_tree else None,
-    )
-    if args.json:
-        result = engine.generate(ids, **options)
-        print(json.dumps({**result.to_dict(), "memory_plan": dataclasses.asdict(engine.plan)}, ensure_ascii=False))
+    # closed on the way out: a reader thread still running at interpreter exit aborts it
+    with _load_engine(args, progress) as engine:
+        limits = default_limits(engine.mode, engine.tree_slots)
+        if engine.mode == "sd":
+            limits = TreeLimits.linear(args.draft_tokens)
+        elif limits is not None:
+            given = dict(max_nodes=args.tree_nodes, max_depth=args.tree_depth, width=args.tree_width, branch_threshold=args.branch_threshold)
+            limits = dataclasses.replace(limits, **{k: v for k, v in given.items() if v is not None})
+        ids = engine.chat_prompt([{"role": "user", "content": prompt}]) if args.chat else engine.tokenizer.encode(prompt)
+        options = dict(
+            max_tokens=args.max_tokens,
+            temperature=args.temperature,
+            top_k=args.top_k,
+            top_p=args.top_p,
+            seed=args.seed,
+            stop=args.stop,
+            ignore_eos=args.ignore_eos,
+            limits=limits,
+            pipeline=False if args.no_pipeline else None,
+            on_verify=_tree_printer(engine.tokenizer) if args.show_tree else None,
+        )
+        if args.json:
+            result = engine.generate(ids, **options)
+            print(json.dumps({**result.to_dict(), "memory_plan": dataclasses.asdict(engine.plan)}, ensure_ascii=False))
+            return 0
+        for piece in engine.stream(ids, **options):
+            sys.stdout.write(piece.text)
+            sys.stdout.flush()
+        s = piece.stats
+        line = (
+            f"\n\n[{engine.name}, {engine.precision}, {s.extra['mode']}] prompt: {s.prompt_tokens} tokens, {s.prefill_tokens_per_s:.1f} tok/s"
+            f" | generated: {s.new_tokens} tokens, {s.decode_tokens_per_s:.2f} tok/s"
+        )
+        if "verifications" in s.extra:
+            line += f" | {s.extra['tokens_per_verification']:.2f} tokens per verification ({s.extra['verifications']} verifications)"
+        if s.extra.get("bytes_read"):
+            passes = max(1, s.extra["target_passes"])
+            line += f" | streamed: {s.extra['bytes_read'] / passes / 2**20:.0f} MB per pass, waited on IO {s.extra['io_wait_s']:.1f} s"
+        print(f"{line} | finish: {piece.finish_reason} | peak RSS: {s.peak_rss_mb:.0f} MB", file=sys.stderr)
         return 0
-    for piece in engine.stream(ids, **options):
-        sys.stdout.write(piece.text)
-        sys.stdout.flush()
-    s = piece.stats
-    line = (
-        f"\n\n[{engine.name}, {engine.precision}, {s.extra['mode']}] prompt: {s.prompt_tokens} tokens, {s.prefill_tokens_per_s:.1f} tok/s"
-        f" | generated: {s.new_tokens} tokens, {s.decode_tokens_per_s:.2f} tok/s"
-    )
-    if "verifications" in s.extra:
-        line += f" | {s.extra['tokens_per_verification']:.2f} tokens per verification ({s.extra['verifications']} verifications)"
-    if s.extra.get("bytes_read"):
-        passes = max(1, s.extra["target_passes"])
-        line += f" | streamed: {s.extra['bytes_read'] / passes / 2**20:.0f} MB per pass, waited on IO {s.extra['io_wait_s']:.1f} s"
-    print(f"{line} | finish: {piece.finish_reason} | peak RSS: {s.peak_rss_mb:.0f} MB", file=sys.stderr)
-    return 0
 
 
 def _serve(args: argparse.Namespace) -> int:

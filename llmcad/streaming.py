@@ -13,9 +13,11 @@ them, so that runs measure storage, not RAM a small device would not have.
 
 from __future__ import annotations
 
+import atexit
 import os
 import threading
 import time
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -84,6 +86,17 @@ def read_unit(unit: Unit, buffer: torch.Tensor, fd: int, drop_page_cache: bool) 
     return total
 
 
+_OPEN_READERS: weakref.WeakSet[LayerReader] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_open_readers() -> None:
+    """Stop readers left open at interpreter exit: a daemon thread killed there inside a
+    PyTorch call aborts the process ("terminate called without an active exception")."""
+    for reader in list(_OPEN_READERS):
+        reader.close()
+
+
 class LayerReader:
     """Reads `units` cyclically into `buffers` (used in rotation) ahead of the consumer."""
 
@@ -93,6 +106,7 @@ class LayerReader:
         self.fds = {u.path: os.open(u.path, os.O_RDONLY) for u in units}
         self.cond = threading.Condition()
         self._start()
+        _OPEN_READERS.add(self)
 
     def _start(self) -> None:
         self.read_pos = self.take_pos = 0  # units read / taken since the start
@@ -166,6 +180,7 @@ class LayerReader:
         for fd in self.fds.values():
             os.close(fd)
         self.fds = {}
+        _OPEN_READERS.discard(self)
 
 
 def make_block(store: LayerStore, views: dict[str, torch.Tensor]) -> Block:
