@@ -11,6 +11,10 @@ per token, its rate does not change with length.
 
     python bench/e2e.py                                   # 1300 MB and 2000 MB, code + chat
     python bench/e2e.py --budgets 1300MB --kinds code --limit 2
+    python bench/e2e.py --modes ar,tree,llmcad,llmcad/cost,llmcad/fixed,llmcad/nopipe
+
+A mode may carry a variant after "/": a fallback policy (llmcad, cost, fixed) or nopipe
+(no drafting during verification).
 
 Writes bench/results/e2e.json and e2e.png (--out).
 """
@@ -28,22 +32,26 @@ from stream import evict, raw_read_gbps, run_in_budget
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from llmcad.budget import MB, parse_size  # noqa: E402
+from llmcad.fallback import FALLBACKS  # noqa: E402
 from llmcad.hub import DEFAULT_DRAFT, DEFAULT_TARGET, resolve_model  # noqa: E402
 from llmcad.store import ensure_store  # noqa: E402
 from llmcad.weights import open_checkpoint  # noqa: E402
 from tests.cgroup import cgroup_unavailable  # noqa: E402
 
-MODES = ("ar", "sd", "tree", "llmcad")
+MODES = ("ar", "sd", "tree", "llmcad", "llmcad/cost", "llmcad/fixed")
 
 
 def one_run(args: argparse.Namespace) -> None:
     """In the child process: one generation, printed as JSON (stats, per-step figures)."""
     from llmcad.engine import Engine
 
-    with Engine.load(args.target, draft=args.draft, memory_budget=args.budget, fallback=args.fallback, progress=False) as engine:
+    mode, _, variant = args.mode.partition("/")
+    fallback = variant if variant in FALLBACKS else "llmcad"
+    with Engine.load(args.target, draft=args.draft, memory_budget=args.budget, fallback=fallback, progress=False) as engine:
         ids = engine.chat_prompt([{"role": "user", "content": args.prompt}])
         steps, tokens, final = [], [], None
-        for piece in engine.stream(ids, max_tokens=args.tokens, ignore_eos=True, mode=args.mode):
+        pipeline = False if variant == "nopipe" else None
+        for piece in engine.stream(ids, max_tokens=args.tokens, ignore_eos=True, mode=mode, pipeline=pipeline):
             tokens += piece.token_ids
             if piece.step is not None:
                 steps.append(piece.step)
@@ -53,10 +61,10 @@ def one_run(args: argparse.Namespace) -> None:
                           "plan": {"resident_layers": len(plan.resident_layers), "bytes_per_pass": plan.bytes_per_pass}}))
 
 
-def run(target: Path, draft: Path, store: Path, mode: str, budget: int, prompt: str, tokens: int, fallback: str) -> dict:
+def run(target: Path, draft: Path, store: Path, mode: str, budget: int, prompt: str, tokens: int) -> dict:
     evict(store.iterdir())
     cmd = [sys.executable, __file__, "--one", "--mode", mode, "--budget", str(budget), "--tokens", str(tokens),
-           "--target", str(target), "--draft", str(draft), "--fallback", fallback, "--prompt", prompt]
+           "--target", str(target), "--draft", str(draft), "--prompt", prompt]
     result, peak = run_in_budget(budget, cmd)
     if result.returncode != 0:
         return {"error": f"exit {result.returncode}: {result.stderr[-400:]}", "cgroup_peak_mb": peak and peak / MB}
@@ -67,7 +75,8 @@ def run(target: Path, draft: Path, store: Path, mode: str, budget: int, prompt: 
         "tokens_per_verification": s.get("tokens_per_verification", 1.0),
         "accepted_per_verification": s.get("accepted_per_verification", 0.0),
         "tree_nodes": s.get("tree_nodes"),
-        "lookahead_kept": s.get("lookahead_kept"),
+        "extensions_kept": s.get("extensions_kept"),
+        "carried_nodes": s.get("carried_nodes"),
         "verifications": s.get("verifications", s["new_tokens"]),
         "bytes_per_verification": s["bytes_read"] / max(1, s["target_passes"]),
         "io_wait_s": s["io_wait_s"],
@@ -88,7 +97,6 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=128)
     p.add_argument("--ar-tokens", type=int, default=32)
     p.add_argument("--modes", default=",".join(MODES))
-    p.add_argument("--fallback", default="llmcad")
     p.add_argument("--out", type=Path, default=RESULTS / "e2e.json")
     p.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--mode", help=argparse.SUPPRESS)
@@ -110,7 +118,7 @@ def main() -> None:
             ar_rate = None
             for mode in args.modes.split(","):
                 raw = raw_read_gbps(files)
-                row = run(target, draft, store.path, mode, budget, prompt["prompt"], args.ar_tokens if mode == "ar" else args.tokens, args.fallback)
+                row = run(target, draft, store.path, mode, budget, prompt["prompt"], args.ar_tokens if mode == "ar" else args.tokens)
                 row.update(budget_mb=budget / MB, kind=prompt["kind"], prompt_id=prompt["id"], mode=mode, raw_read_gbps=raw)
                 if "error" not in row:
                     ar_rate = row["tokens_per_s"] if mode == "ar" else ar_rate
@@ -121,7 +129,8 @@ def main() -> None:
                 print(json.dumps({k: v for k, v in row.items() if k not in ("tokens", "accepted_over_time")}), flush=True)
                 write_json(args.out, results)
     ok = [r for r in results["runs"] if "error" not in r]
-    groups = sorted({(r["budget_mb"], r["kind"], r["mode"]) for r in ok}, key=lambda g: (g[0], g[1], MODES.index(g[2])))
+    modes = args.modes.split(",")
+    groups = sorted({(r["budget_mb"], r["kind"], r["mode"]) for r in ok}, key=lambda g: (g[0], g[1], modes.index(g[2])))
     summary = []
     for budget_mb, kind, mode in groups:
         rs = [r for r in ok if (r["budget_mb"], r["kind"], r["mode"]) == (budget_mb, kind, mode)]
@@ -139,10 +148,10 @@ def main() -> None:
     print(md_table(["budget MB", "kind", "mode", "tok/s", "x ar", "tokens/verification", "efficiency", "peak RSS MB"],
                    [[round(s["budget_mb"]), s["kind"], s["mode"], s["tokens_per_s"], s["speedup_vs_ar"], s["tokens_per_verification"],
                      s["efficiency"], s["peak_rss_mb"]] for s in summary]))
-    plot(results, args.out.with_suffix(".png"))
+    plot(results, modes, args.out.with_suffix(".png"))
 
 
-def plot(results: dict, path: Path) -> None:
+def plot(results: dict, modes: list[str], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -150,15 +159,15 @@ def plot(results: dict, path: Path) -> None:
 
     fig, (a, b) = plt.subplots(1, 2, figsize=(13, 4.5))
     cells = sorted({(s["budget_mb"], s["kind"]) for s in results["summary"]})
-    width = 0.8 / len(MODES)
-    for i, mode in enumerate(MODES):
+    width = 0.8 / len(modes)
+    for i, mode in enumerate(modes):
         values = [next((s["tokens_per_s"] for s in results["summary"] if (s["budget_mb"], s["kind"], s["mode"]) == (*c, mode)), 0) for c in cells]
         a.bar([x + i * width for x in range(len(cells))], values, width, label=mode)
     a.set_xticks([x + 0.4 - width / 2 for x in range(len(cells))], [f"{round(m)} MB\n{k}" for m, k in cells])
     a.set(title="decode tokens/s (median)", ylabel="tokens/s")
     a.legend()
     for r in results["runs"]:
-        if r.get("mode") in ("tree", "llmcad") and r.get("accepted_over_time"):
+        if r.get("mode") in ("tree", "llmcad") and r.get("accepted_over_time"):  # the default variants
             b.plot(r["accepted_over_time"], label=f"{r['mode']} {round(r['budget_mb'])} MB {r['kind']}", alpha=0.8)
     b.set(title="accepted tokens per verification", xlabel="verification")
     b.legend(fontsize=7)

@@ -29,19 +29,19 @@ DEFAULT_PRECISION = "int8"
 DEFAULT_MAX_CONTEXT = 4096
 CONTEXTS_UNDER_BUDGET = (4096, 2048, 1024, 512)  # tried in turn when a budget is set and no context is
 MODES = ("ar", "sd", "tree", "llmcad")
-TREE_SLOTS = (64, 32)  # cache slots past the context for a tree and its lookahead; the first that fits a budget
-LOOKAHEAD = 4  # tokens the draft continues the main path by while a streamed target verifies
+TREE_SLOTS = (64, 32)  # cache slots past the context for a token tree; the first that fits a budget
+EXTEND_PASSES = 3  # draft passes growing the tree on while a streamed target verifies it
 DRAFT_ROWS = 16  # most nodes in one draft pass (TreeLimits.batch)
 DEFAULT_FALLBACK = "llmcad"
 
 
 def default_limits(mode: str, tree_slots: int) -> TreeLimits | None:
-    """Tree caps per mode: `llmcad` grows up to the engine's tree slots (less the lookahead)
-    and lets its fallback policy stop earlier."""
+    """Tree caps per mode: `llmcad` grows up to the engine's tree slots and lets its
+    fallback policy stop earlier."""
     return {
         "sd": TreeLimits.linear(4),
         "tree": TreeLimits(),
-        "llmcad": TreeLimits(max_nodes=tree_slots - 1 - LOOKAHEAD, max_depth=12, width=4, branch_threshold=0.1, batch=8),
+        "llmcad": TreeLimits(max_nodes=tree_slots - 1, max_depth=12, width=4, branch_threshold=0.1, batch=8),
     }.get(mode)
 
 
@@ -85,6 +85,7 @@ class Engine:
         self.fallback = fallback
         self._policies = {}
         self.lock = threading.Lock()
+        self.draft_threads = torch.get_num_threads()
 
     @classmethod
     def load(
@@ -153,7 +154,8 @@ class Engine:
                     embed_bytes=store.embed_layout.nbytes,
                     runtime=runtime,
                     draft=draft_bytes,
-                    kv_cache=sum(KVCache.bytes_for(c.config, context + slots) for c in models),
+                    # the draft's cache also holds what it grows while the target verifies
+                    kv_cache=sum(KVCache.bytes_for(c.config, context + slots * (1 + i)) for i, c in enumerate(models)),
                     activations=sum(
                         activation_bytes(c.config, context + slots, ROW_CHUNK, rows) for c, rows in zip(models, (slots, DRAFT_ROWS))
                     )
@@ -164,14 +166,16 @@ class Engine:
                 if (context, slots) == choices[-1]:
                     raise
         if draft_state is not None:
-            draft_state.cache = KVCache(draft_state.model.config, context + slots)
+            draft_state.cache = KVCache(draft_state.model.config, context + 2 * slots)
         model = StreamedTransformer(store, plan, drop_page_cache=not keep_page_cache)
+        engine = cls(model, store, context, draft_state, mode, slots, fallback)
         if plan.bytes_per_pass and torch.get_num_threads() > 1:
             # The reader keeps a core busy copying pages; compute threads that share it with
             # the reader stall each other at every parallel barrier (measured on 2 cores:
-            # 0.61 tok/s with 2 compute threads, 1.02 with 1).
+            # 0.61 tok/s with 2 compute threads, 1.02 with 1). Drafting, while the target
+            # waits, still uses them all.
             torch.set_num_threads(torch.get_num_threads() - 1)
-        return cls(model, store, context, draft_state, mode, slots, fallback)
+        return engine
 
     def close(self) -> None:
         """Stop the background reader (the engine cannot generate afterwards)."""
@@ -224,7 +228,7 @@ class Engine:
             raise LlmcadError(f"a draft pass takes 1 to {DRAFT_ROWS} tree nodes, asked for {limits.batch}")
         if pipeline is None:
             pipeline = mode == "llmcad" and self.plan.bytes_per_pass > 0
-        lookahead = min(LOOKAHEAD, self.tree_slots - 1 - limits.max_nodes) if pipeline and limits is not None else 0
+        extend_passes = EXTEND_PASSES if pipeline and limits is not None else 0
         self._check_lengths(len(ids), max_tokens)
         stops = [stop] if isinstance(stop, str) else list(stop)
         policy = None
@@ -232,20 +236,20 @@ class Engine:
             if (fallback, limits) not in self._policies:
                 self._policies[fallback, limits] = make_fallback(fallback, limits)
             policy = self._policies[fallback, limits]
-        return self._stream(ids, params, mode, policy, lookahead, on_verify, max_tokens, stops, ignore_eos)
+        return self._stream(ids, params, mode, policy, extend_passes, on_verify, max_tokens, stops, ignore_eos)
 
-    def _stream(self, ids, params, mode, policy, lookahead, on_verify, max_tokens, stop, ignore_eos) -> Iterator[Piece]:
+    def _stream(self, ids, params, mode, policy, extend_passes, on_verify, max_tokens, stop, ignore_eos) -> Iterator[Piece]:
         with self.lock:
             extra = {"mode": mode, "precision": self.precision}
             if policy is not None:
-                extra.update(fallback=policy.name, lookahead=lookahead)
+                extra.update(fallback=policy.name, extend_passes=extend_passes)
             stats = GenerationStats(prompt_tokens=len(ids), extra=extra)
             io_before = self.model.io.snapshot()
             if mode == "ar":
                 decoder, tokens = None, autoregressive(self.model, self.cache, ids, Sampler(params))
             else:
                 d = self.draft
-                decoder = SpeculativeDecoder(self.model, self.cache, d.model, d.cache, policy, params, on_verify, lookahead)
+                decoder = SpeculativeDecoder(self.model, self.cache, d.model, d.cache, policy, params, on_verify, extend_passes, self.draft_threads)
                 tokens = decoder.generate(ids)
             steps_seen = 0
             for piece in stream_text(tokens, self.tokenizer, stats, max_tokens=max_tokens, stop=stop, ignore_eos=ignore_eos):

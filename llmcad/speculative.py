@@ -20,13 +20,16 @@ Acceptance is lossless:
 A linear draft of k tokens (Leviathan et al. 2023) is the same machinery with width 1.
 When to stop growing is the fallback policy's call (llmcad/fallback.py).
 
-Pipeline (`lookahead` > 0): while the target verifies a tree, a background thread lets the
-draft continue the tree's main path (each node's first child, from the root down) by up to
-`lookahead` tokens, in draft-cache slots past the tree. If the target accepts that whole
-path and its own next token is the first continued token, the continuation is kept: that
-token is the next root, already run, and the rest seed the next tree as a chain. Otherwise
-it is dropped. The thread is joined before anything is accepted, and the amount continued
-is fixed, so runs are reproducible; greedy output is the same with and without it.
+Pipeline (`extend_passes` > 0): while the target verifies a tree, a background thread
+lets the draft grow a copy of it on, best-first as before, for a fixed number of draft
+passes (the first runs the nodes added last, which the target checks but the draft had not
+run). The target's next root is its own token after the accepted path; if the draft grew a
+child with that token below the path's last node, the subtree under that child is kept: it
+becomes the next tree, already drafted, and the next growth goes on from its open slots.
+Otherwise it is dropped. The thread is joined before anything is committed and the number
+of passes is fixed, so runs are reproducible; greedy output is the same with and without
+it. Kept subtrees stay lossless when sampling: their nodes are draws from the draft made
+without the target's randomness, each node's children in drawing order.
 """
 
 from __future__ import annotations
@@ -35,8 +38,9 @@ import heapq
 import math
 import time
 from collections import Counter
-from collections.abc import Callable, Generator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -52,7 +56,7 @@ class SpeculationStats:
     accepted: list[int] = field(default_factory=list)  # drafted tokens accepted, per verification
     tree_nodes: list[int] = field(default_factory=list)  # drafted nodes, per verification
     draft_passes: int = 0
-    lookahead_kept: int = 0  # verifications whose pipelined continuation was kept
+    carried: list[int] = field(default_factory=list)  # nodes of each tree drafted during the previous verification
     steps: list[dict] = field(default_factory=list)  # per verification: sizes and timings
 
     def summary(self) -> dict:
@@ -65,7 +69,8 @@ class SpeculationStats:
             "draft_tokens": sum(self.tree_nodes),
             "draft_passes": self.draft_passes,
             "tree_nodes": sum(self.tree_nodes) / n,
-            "lookahead_kept": self.lookahead_kept,
+            "extensions_kept": sum(1 for c in self.carried if c),
+            "carried_nodes": sum(self.carried) / n,
         }
 
 
@@ -98,17 +103,17 @@ class _Slots:
         return token, float(q[token])
 
 
-@dataclass
-class _Continuation:
-    """What the draft produced past `leaf` while the target verified: `tokens[i]` was drawn
-    (with probability `probs[i]`) from `slots[i - 1]`, or the leaf's for i = 0, and run in
-    draft-cache slot `start + i`, giving `slots[i]`."""
-
-    leaf: int
-    start: int
-    tokens: list[int]
-    probs: list[float]
-    slots: list[_Slots]
+@contextmanager
+def compute_threads(n: int | None) -> Iterator[None]:
+    """PyTorch compute threads of the calling thread set to `n` for a while (None: unchanged).
+    The setting is per thread: a background thread keeps its own."""
+    before = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 class SpeculativeDecoder:
@@ -123,15 +128,19 @@ class SpeculativeDecoder:
         fallback: Fallback,
         params: SamplingParams,
         on_verify: Callable[[TokenTree, list[int]], None] | None = None,
-        lookahead: int = 0,
+        extend_passes: int = 0,
+        draft_threads: int | None = None,
     ):
         self.target, self.target_cache = target, target_cache
         self.draft, self.draft_cache = draft, draft_cache
         self.fallback, self.limits, self.params = fallback, fallback.limits, params
         self.on_verify = on_verify
-        self.lookahead = lookahead
+        self.extend_passes = extend_passes
+        self.draft_threads = draft_threads  # compute threads for drafting while the target waits
+        # room for the extension: kept subtrees must fit the next tree
+        self.extend_room = min(extend_passes * self.limits.batch, self.limits.max_nodes)
         self.generator = seeded_generator(params.seed)
-        self.lookahead_generator = seeded_generator(None if params.seed is None else params.seed + 1)
+        self.extend_generator = seeded_generator(None if params.seed is None else params.seed + 1)
         # greedy drafting ranks tokens by the draft's plain softmax
         self.draft_params = SamplingParams(1.0) if params.greedy else params
         self.stats = SpeculationStats()
@@ -142,21 +151,23 @@ class SpeculativeDecoder:
             draft_len = 0  # committed tokens whose keys/values the draft cache holds
             if len(committed) > 1:  # the last prompt token is the first tree's root
                 prompt_ids, positions = torch.tensor(committed[:-1]), torch.arange(len(committed) - 1)
-                draft_prefill = background.submit(self._run_draft, prompt_ids, positions, 0, None) if self.lookahead else None
+                pipelined = self.extend_passes > 0
+                draft_prefill = background.submit(self.draft, prompt_ids, positions, self.draft_cache, 0, None, True) if pipelined else None
                 self.target(prompt_ids, positions, self.target_cache, 0, last_only=True)
                 if draft_prefill is not None:
                     draft_prefill.result()
                     draft_len = len(committed) - 1
-            carried: _Continuation | None = None
+            carried: tuple[TokenTree, dict[int, _Slots]] | None = None
             while True:
                 prefix = len(committed) - 1
-                tree, slots, drafted_upto = self._grow(committed, draft_len, carried)
-                ahead = background.submit(self._continue, tree, slots, prefix, drafted_upto) if self.lookahead else None
+                self.stats.carried.append(carried[0].size - 1 if carried else 0)
+                with compute_threads(self.draft_threads):
+                    tree, slots, heap, drafted_upto = self._grow(committed, draft_len, carried)
+                extension = background.submit(self._extend, tree, slots, heap, prefix, drafted_upto) if self.extend_passes else None
                 started = time.perf_counter()
                 io_before = self.target.io.snapshot() if hasattr(self.target, "io") else None
                 path, bonus = self._verify(tree, slots, prefix)
                 verify_s = time.perf_counter() - started
-                continuation = ahead.result() if ahead is not None else None
                 accepted = path[1:]
                 self.fallback.observe(tree, path, verify_s)
                 self._record(tree, accepted, verify_s, io_before)
@@ -164,88 +175,90 @@ class SpeculativeDecoder:
                     self.on_verify(tree, path)
                 # keep only the accepted path's keys/values, moved into place behind the root
                 self.target_cache.move(torch.tensor([prefix + i for i in accepted], dtype=torch.long), prefix + 1)
-                kept = continuation is not None and continuation.leaf == path[-1] and continuation.tokens[0] == bonus
-                ran = set(range(drafted_upto)) | ({continuation.leaf} if continuation else set())
-                in_draft = [prefix + i for i in accepted if i in ran]  # a prefix of the path
-                carried = continuation if kept else None
-                if kept:
-                    in_draft += range(continuation.start, continuation.start + len(continuation.tokens))
-                    self.stats.lookahead_kept += 1
+                carried = None
+                if extension is not None:
+                    grown, grown_slots = extension.result()
+                    drafted_upto = grown.size  # the extension ran every node it holds
+                    child = grown.child_with_token(path[-1], bonus)
+                    if child is not None:  # the draft already went down the target's own next token
+                        next_tree, olds = grown.subtree(child, self.limits.max_nodes + 1)
+                        carried = next_tree, {new: grown_slots[old] for new, old in enumerate(olds)}
+                in_draft = [prefix + i for i in accepted if i < drafted_upto]  # a prefix of the path
+                draft_len = prefix + 1 + len(in_draft)
+                if carried is not None:  # the next root, and the subtree below it, follow the path
+                    in_draft += [prefix + old for old in olds]
+                    draft_len += 1
                 self.draft_cache.move(torch.tensor(in_draft, dtype=torch.long), prefix + 1)
-                draft_len = prefix + 2 + len(accepted) if kept else prefix + 1 + len(in_draft)
                 new = [int(tree.tokens[i]) for i in accepted] + [bonus]
                 committed += new
                 yield from new
 
-    def _run_draft(self, tokens: torch.Tensor, positions: torch.Tensor, start: int, mask: torch.Tensor | None, last_only: bool = True) -> torch.Tensor:
-        """One draft pass, timed for the fallback policy."""
+    def _run_draft(self, tokens: torch.Tensor, positions: torch.Tensor, start: int, mask: torch.Tensor | None, last_only: bool = True, timed: bool = True) -> torch.Tensor:
+        """One draft pass; `timed` ones (not those in the background) inform the fallback policy."""
         started = time.perf_counter()
         logits = self.draft(tokens, positions, self.draft_cache, start, mask, last_only=last_only)
         self.stats.draft_passes += 1
-        self.fallback.draft_pass(time.perf_counter() - started)
+        if timed:
+            self.fallback.draft_pass(time.perf_counter() - started)
         return logits
 
-    def _grow(self, committed: list[int], draft_len: int, carried: _Continuation | None) -> tuple[TokenTree, dict[int, _Slots], int]:
-        """Draft a tree rooted at the last committed token. Returns the tree, the draft
-        distribution at every node that was run, and the first node the draft did not run."""
+    def _grow(self, committed: list[int], draft_len: int, carried: tuple[TokenTree, dict[int, _Slots]] | None):
+        """Draft a tree rooted at the last committed token, or grow on the one `carried` over
+        from the last verification. Returns the tree, the draft distribution at every node
+        that was run, the open child slots, and the first node the draft did not run."""
         limits, prefix = self.limits, len(committed) - 1
-        tree = TokenTree(committed[-1], limits.max_nodes + 1)
         heap: list[tuple[float, int, int]] = []
-        if carried is not None:  # the root and a chain below it were drafted during the last verification
-            slots = {0: carried.slots[0]}
-            chain = carried.tokens[1 : 1 + min(limits.max_nodes, limits.max_depth)]
-            for i, token in enumerate(chain):
-                node = tree.add(i, token, carried.probs[i + 1])
-                slots[node] = carried.slots[i + 1]
-                self._offer(heap, tree, slots, i, 1)
-            self._offer(heap, tree, slots, len(chain), 0)
-            drafted_upto = tree.size
+        if carried is not None:  # drafted during the last verification: every node was run
+            tree, slots = carried
+            for node in range(tree.size):
+                self._offer(heap, tree, slots, node, len(tree.children[node]))
         else:
+            tree = TokenTree(committed[-1], limits.max_nodes + 1)
             catch_up = committed[draft_len:]  # committed tokens the draft has not seen, root last
             logits = self._run_draft(torch.tensor(catch_up), torch.arange(draft_len, prefix + 1), draft_len, None)
             slots = {0: self._slots(logits[-1])}
             self._offer(heap, tree, slots, 0, 0)
-            drafted_upto = 1
-        while heap and tree.size < tree.capacity:
-            batch = []
-            while heap and len(batch) < limits.batch and tree.size < tree.capacity:
-                _, node, j = heapq.heappop(heap)
-                token, prob = slots[node].draw(j, self.generator)
-                batch.append(tree.add(node, token, prob))
-                self._offer(heap, tree, slots, node, j + 1)
+        drafted_upto = tree.size
+        while batch := self._add_batch(tree, slots, heap, self.generator):
             if tree.size >= tree.capacity or all(tree.depths[c] >= limits.max_depth for c in batch):
                 break
             if self.fallback.should_verify(tree, batch, heap):
                 break
-            rows = slice(batch[0], batch[-1] + 1)
-            logits = self._run_draft(tree.tokens[rows], prefix + tree.depths[rows], prefix + rows.start, tree.attention_mask(prefix, rows), last_only=False)
-            drafted_upto = rows.stop
-            for row, node in enumerate(batch):
-                slots[node] = self._slots(logits[row])
-                self._offer(heap, tree, slots, node, 0)
-        return tree, slots, drafted_upto
+            self._run_batch(tree, slots, heap, prefix, batch)
+            drafted_upto = tree.size
+        return tree, slots, heap, drafted_upto
 
-    def _continue(self, tree: TokenTree, slots: dict[int, _Slots], prefix: int, drafted_upto: int) -> _Continuation:
-        """Extend the tree's main path by `lookahead` tokens (runs while the target verifies)."""
-        leaf = 0
-        while tree.children[leaf]:
-            leaf = tree.children[leaf][0]
-        start = prefix + tree.capacity  # draft-cache slots past the tree's
-        if leaf not in slots:  # the leaf itself was never run
-            rows = slice(leaf, leaf + 1)
-            logits = self._run_draft(tree.tokens[rows], prefix + tree.depths[rows], prefix + leaf, tree.attention_mask(prefix, rows))
-            slots[leaf] = self._slots(logits[-1])
-        mask = torch.cat((torch.ones(prefix, dtype=torch.bool), tree.mask[leaf], torch.ones(self.lookahead, dtype=torch.bool)))
-        depth = prefix + int(tree.depths[leaf])
-        previous, tokens, probs, run = slots[leaf], [], [], []
-        for i in range(self.lookahead):
-            token, prob = previous.draw(0, self.lookahead_generator)
-            logits = self._run_draft(torch.tensor([token]), torch.tensor([depth + 1 + i]), start + i, mask[None, : start + i + 1])
-            previous = self._slots(logits[-1])
-            tokens.append(token)
-            probs.append(prob)
-            run.append(previous)
-        return _Continuation(leaf, start, tokens, probs, run)
+    def _extend(self, tree: TokenTree, slots: dict[int, _Slots], heap: list, prefix: int, drafted_upto: int):
+        """Grow a copy of `tree` on for `extend_passes` draft passes, while the target
+        verifies `tree` (runs in the background). Returns the copy, every node of it run."""
+        grown, slots, heap = tree.grown(tree.capacity + self.extend_room), dict(slots), list(heap)
+        batch = list(range(drafted_upto, tree.size))  # added last: checked by the target, not yet run
+        for _ in range(self.extend_passes):
+            batch = batch or self._add_batch(grown, slots, heap, self.extend_generator)
+            if not batch:
+                break
+            self._run_batch(grown, slots, heap, prefix, batch, timed=False)
+            batch = []
+        return grown, slots
+
+    def _add_batch(self, tree: TokenTree, slots: dict[int, _Slots], heap: list, generator) -> list[int]:
+        """Add the best open slots (up to a batch) to `tree`; returns the new nodes."""
+        batch = []
+        while heap and len(batch) < self.limits.batch and tree.size < tree.capacity:
+            _, node, j = heapq.heappop(heap)
+            token, prob = slots[node].draw(j, generator)
+            batch.append(tree.add(node, token, prob))
+            self._offer(heap, tree, slots, node, j + 1)
+        return batch
+
+    def _run_batch(self, tree: TokenTree, slots: dict[int, _Slots], heap: list, prefix: int, batch: list[int], timed: bool = True) -> None:
+        """One draft pass over `batch` (consecutive nodes), opening their child slots."""
+        rows = slice(batch[0], batch[-1] + 1)
+        mask = tree.attention_mask(prefix, rows)
+        logits = self._run_draft(tree.tokens[rows], prefix + tree.depths[rows], prefix + rows.start, mask, last_only=False, timed=timed)
+        for row, node in enumerate(batch):
+            slots[node] = self._slots(logits[row])
+            self._offer(heap, tree, slots, node, 0)
 
     def _slots(self, logits: torch.Tensor) -> _Slots:
         return _Slots(probabilities(logits, self.draft_params), self.limits, keep_q=not self.params.greedy)

@@ -40,8 +40,28 @@ class TokenTree:
         self.size += 1
         return i
 
-    def child_with_token(self, node: int, token: int) -> int | None:
-        return next((c for c in self.children[node] if self.tokens[c] == token), None)
+    def child_with_token(self, node: int, token: int, below: int | None = None) -> int | None:
+        """The child of `node` carrying `token` (among nodes numbered below `below`), or None."""
+        return next((c for c in self.children[node] if self.tokens[c] == token and (below is None or c < below)), None)
+
+    def grown(self, capacity: int) -> TokenTree:
+        """A copy of this tree with room for `capacity` nodes."""
+        tree = TokenTree(int(self.tokens[0]), capacity)
+        for i in range(1, self.size):
+            tree.add(int(self.parents[i]), int(self.tokens[i]), float(self.probs[i]))
+        return tree
+
+    def subtree(self, node: int, capacity: int) -> tuple[TokenTree, list[int]]:
+        """The nodes below `node` as a tree rooted at it, and the old number of each new node.
+        Nodes keep their order, so every node's children stay in drafting order."""
+        tree, old = TokenTree(int(self.tokens[node]), capacity), [node]
+        new = {node: 0}
+        for i in range(node + 1, self.size):
+            parent = int(self.parents[i])
+            if parent in new:
+                new[i] = tree.add(new[parent], int(self.tokens[i]), float(self.probs[i]))
+                old.append(i)
+        return tree, old
 
     def path(self, node: int) -> list[int]:
         """Nodes from the root down to `node`."""

@@ -189,28 +189,47 @@ def test_cli_tree_mode_json_and_show_tree(tiny_llama, capsys):
 # ---- the LLMCad loop: pipeline, fallback policies, stopping mid-stream ---------------------
 
 
-def test_pipelined_continuation_is_kept_when_the_target_agrees(tiny_llama):
-    """With the target as its own draft the whole main path is always accepted and the
-    target's next token is the draft's: every continuation drafted during verification is
-    kept, seeds the next tree, and the output is still the target's own."""
+def test_growth_during_verification_is_kept_when_the_target_agrees(tiny_llama):
+    """With the target as its own draft the target accepts the whole main path and its next
+    token is the draft's first choice, so what the draft grew below the path's end while the
+    target verified is kept and becomes the next tree; the output is still the target's own."""
     engine = Engine.load(tiny_llama, draft=tiny_llama, precision="fp32", draft_precision="fp32", progress=False)
     expected = engine.generate("abc", max_tokens=40, ignore_eos=True, mode="ar").tokens
-    result = engine.generate("abc", max_tokens=40, ignore_eos=True, mode="llmcad", fallback="fixed", pipeline=True)
-    stats = result.stats.extra
-    assert result.tokens == expected
-    assert stats["lookahead"] > 0 and stats["lookahead_kept"] == stats["verifications"]
-    # trees after the first start with the carried chain, so no catch-up draft pass is needed
-    assert stats["draft_passes"] < stats["verifications"] * (1 + stats["lookahead"] + 12)
+    limits = TreeLimits(max_nodes=12, max_depth=16, width=2, branch_threshold=0.2, batch=4)
+    off = engine.generate("abc", max_tokens=40, ignore_eos=True, mode="llmcad", fallback="fixed", limits=limits, pipeline=False)
+    on = engine.generate("abc", max_tokens=40, ignore_eos=True, mode="llmcad", fallback="fixed", limits=limits, pipeline=True)
+    assert on.tokens == off.tokens == expected
+    stats = on.stats.extra
+    assert stats["extend_passes"] > 0 and stats["extensions_kept"] >= stats["verifications"] - 1
+    assert stats["carried_nodes"] > 0
+    assert off.stats.extra["extensions_kept"] == 0
+
+
+def test_subtree_keeps_order_and_relative_confidence():
+    tree = TokenTree(10, 8)
+    a = tree.add(0, 11, 0.5)  # 1
+    b = tree.add(0, 12, 0.4)  # 2
+    tree.add(a, 13, 0.8)  # 3
+    tree.add(b, 14, 0.9)  # 4
+    tree.add(a, 15, 0.1)  # 5
+    tree.add(3, 16, 0.5)  # 6
+    sub, old = tree.subtree(a, 6)
+    assert old == [1, 3, 5, 6]
+    assert sub.tokens[: sub.size].tolist() == [11, 13, 15, 16] and sub.children[0] == [1, 2] and sub.children[1] == [3]
+    assert sub.depths[: sub.size].tolist() == [0, 1, 1, 2]
+    assert math.exp(float(sub.logp[3])) == pytest.approx(0.8 * 0.5)
+    copy = tree.grown(12)
+    assert copy.capacity == 12 and copy.size == tree.size and torch.equal(copy.mask[:7, :7], tree.mask[:7, :7])
 
 
 def test_llmcad_sampling_preserves_the_target_distribution(sampling_pair):
-    """The confidence fallback and the pipeline (continuations drawn from the draft while
-    the target verifies, kept when they extend the accepted path) keep sampling lossless."""
+    """The confidence fallback and the pipeline (the tree grown on while the target
+    verifies, kept when it extends the accepted path) keep sampling lossless."""
     target, draft, expected = sampling_pair
 
     class Pipelined(SpeculativeDecoder):
         def __init__(self, target, t_cache, draft, d_cache, fallback, params):
-            super().__init__(target, t_cache, draft, d_cache, ConfidenceFallback(fallback.limits, threshold=0.05), params, lookahead=3)
+            super().__init__(target, t_cache, draft, d_cache, ConfidenceFallback(fallback.limits, threshold=0.05), params, extend_passes=3)
 
     p_values = fit_p_values(sampled_marginals(Pipelined, target, draft), expected)
     assert min(p_values) > 1e-3, p_values
