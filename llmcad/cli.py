@@ -37,7 +37,7 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("prompt", metavar="PROMPT", help="the prompt text ('-' reads it from stdin)")
     _add_model_options(gen)
     gen.add_argument("--draft-tokens", type=int, default=4, metavar="K", help="sd: tokens drafted per verification (default: %(default)s)")
-    gen.add_argument("--tree-nodes", type=int, default=None, metavar="N", help=f"tree/llmcad: most drafted nodes per verification (default: tree {TreeLimits.max_nodes}, llmcad the engine's tree slots less the lookahead)")
+    gen.add_argument("--tree-nodes", type=int, default=None, metavar="N", help=f"tree/llmcad: most drafted nodes per verification (default: tree {TreeLimits.max_nodes}, llmcad the engine's tree slots less one)")
     gen.add_argument("--tree-depth", type=int, default=None, metavar="D", help=f"tree/llmcad: maximum depth (default: tree {TreeLimits.max_depth}, llmcad 12)")
     gen.add_argument("--tree-width", type=int, default=None, metavar="W", help=f"tree/llmcad: children per node at most (default: {TreeLimits.width})")
     gen.add_argument("--branch-threshold", type=float, default=None, metavar="P", help=f"tree/llmcad: draft probability that opens a branch (default: {TreeLimits.branch_threshold})")

@@ -56,7 +56,7 @@ class SpeculationStats:
     accepted: list[int] = field(default_factory=list)  # drafted tokens accepted, per verification
     tree_nodes: list[int] = field(default_factory=list)  # drafted nodes, per verification
     draft_passes: int = 0
-    carried: list[int] = field(default_factory=list)  # nodes of each tree drafted during the previous verification
+    carried: list[int] = field(default_factory=list)  # per tree: nodes (root included) drafted during the last verification
     steps: list[dict] = field(default_factory=list)  # per verification: sizes and timings
 
     def summary(self) -> dict:
@@ -70,7 +70,7 @@ class SpeculationStats:
             "draft_passes": self.draft_passes,
             "tree_nodes": sum(self.tree_nodes) / n,
             "extensions_kept": sum(1 for c in self.carried if c),
-            "carried_nodes": sum(self.carried) / n,
+            "carried_nodes": sum(self.carried) / max(1, len(self.carried)),
         }
 
 
@@ -160,7 +160,7 @@ class SpeculativeDecoder:
             carried: tuple[TokenTree, dict[int, _Slots]] | None = None
             while True:
                 prefix = len(committed) - 1
-                self.stats.carried.append(carried[0].size - 1 if carried else 0)
+                self.stats.carried.append(carried[0].size if carried else 0)
                 with compute_threads(self.draft_threads):
                     tree, slots, heap, drafted_upto = self._grow(committed, draft_len, carried)
                 extension = background.submit(self._extend, tree, slots, heap, prefix, drafted_upto) if self.extend_passes else None
