@@ -33,6 +33,7 @@ from stream import evict, raw_read_gbps, run_in_budget
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from llmcad.budget import MB, parse_size  # noqa: E402
 from llmcad.fallback import FALLBACKS  # noqa: E402
+from llmcad.timeline import TIMELINE  # noqa: E402
 from llmcad.hub import DEFAULT_DRAFT, DEFAULT_TARGET, resolve_model  # noqa: E402
 from llmcad.store import ensure_store  # noqa: E402
 from llmcad.weights import open_checkpoint  # noqa: E402
@@ -51,14 +52,27 @@ def one_run(args: argparse.Namespace) -> None:
         ids = engine.chat_prompt([{"role": "user", "content": args.prompt}])
         steps, tokens, final = [], [], None
         pipeline = False if variant == "nopipe" else None
+        TIMELINE.start()
         for piece in engine.stream(ids, max_tokens=args.tokens, ignore_eos=True, mode=mode, pipeline=pipeline):
             tokens += piece.token_ids
             if piece.step is not None:
                 steps.append(piece.step)
             final = piece.stats or final
         plan = engine.plan
-        print(json.dumps({"stats": final.to_dict(), "steps": steps, "tokens": tokens,
+        spans = TIMELINE.stop()
+        print(json.dumps({"stats": final.to_dict(), "steps": steps, "tokens": tokens, "timeline": one_verification(spans),
                           "plan": {"resident_layers": len(plan.resident_layers), "bytes_per_pass": plan.bytes_per_pass}}))
+
+
+def one_verification(spans: list[tuple[str, float, float]]) -> list[tuple[str, float, float]]:
+    """The spans from the end of the middle verification's predecessor to its own end (the
+    drafting of its tree, then its verification), in seconds from that start."""
+    passes = sorted(end for lane, _, end in spans if lane == "target pass")
+    if len(passes) < 3:
+        return []
+    k = len(passes) // 2
+    start, end = passes[k - 1], passes[k]
+    return [(lane, round(max(a, start) - start, 4), round(min(b, end) - start, 4)) for lane, a, b in spans if b > start and a < end]
 
 
 def run(target: Path, draft: Path, store: Path, mode: str, budget: int, prompt: str, tokens: int) -> dict:
@@ -83,6 +97,7 @@ def run(target: Path, draft: Path, store: Path, mode: str, budget: int, prompt: 
         "peak_rss_mb": s["peak_rss_mb"],
         "cgroup_peak_mb": peak and peak / MB,
         "accepted_over_time": [step["accepted"] for step in out["steps"]],
+        "timeline": out["timeline"],
         "tokens": out["tokens"],
     }
 
@@ -157,7 +172,7 @@ def plot(results: dict, modes: list[str], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (a, b) = plt.subplots(1, 2, figsize=(13, 4.5))
+    fig, (a, b, c) = plt.subplots(1, 3, figsize=(19, 4.5))
     cells = sorted({(s["budget_mb"], s["kind"]) for s in results["summary"]})
     width = 0.8 / len(modes)
     for i, mode in enumerate(modes):
@@ -171,6 +186,14 @@ def plot(results: dict, modes: list[str], path: Path) -> None:
             b.plot(r["accepted_over_time"], label=f"{r['mode']} {round(r['budget_mb'])} MB {r['kind']}", alpha=0.8)
     b.set(title="accepted tokens per verification", xlabel="verification")
     b.legend(fontsize=7)
+    shown = next((r for r in results["runs"] if r.get("mode") == "llmcad" and r.get("timeline")), None)
+    if shown:
+        lanes = ["read", "target waits for a read", "target pass", "draft", "draft, in the background"]
+        for y, lane in enumerate(lanes):
+            c.broken_barh([(a0, a1 - a0) for name, a0, a1 in shown["timeline"] if name == lane], (y - 0.4, 0.8), color=f"C{y}")
+        c.set_yticks(range(len(lanes)), lanes, fontsize=8)
+        c.set(title=f"one llmcad step ({round(shown['budget_mb'])} MB, {shown['kind']}): drafting, then verification",
+              xlabel="seconds")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 

@@ -48,6 +48,7 @@ import torch
 from llmcad.fallback import Fallback
 from llmcad.model import KVCache, Transformer
 from llmcad.sampling import SamplingParams, probabilities, seeded_generator
+from llmcad.timeline import TIMELINE
 from llmcad.tree import TokenTree
 
 
@@ -198,6 +199,7 @@ class SpeculativeDecoder:
         started = time.perf_counter()
         logits = self.draft(tokens, positions, self.draft_cache, start, mask, last_only=last_only)
         self.stats.draft_passes += 1
+        TIMELINE.add("draft" if timed else "draft, in the background", started)
         if timed:
             self.fallback.draft_pass(time.perf_counter() - started)
         return logits

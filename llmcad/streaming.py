@@ -30,6 +30,7 @@ from llmcad.errors import LlmcadError
 from llmcad.model import Block, RMSNorm, Transformer
 from llmcad.quant import Int8Embedding, Int8Linear
 from llmcad.store import Layout, LayerStore
+from llmcad.timeline import TIMELINE
 
 
 @dataclass(frozen=True)
@@ -127,6 +128,7 @@ class LayerReader:
             t = time.perf_counter()
             try:
                 n = read_unit(unit, self.buffers[pos % len(self.buffers)], self.fds[unit.path], self.drop_page_cache)
+                TIMELINE.add("read", t)
             except BaseException as e:  # handed to the consumer, which raises it
                 with self.cond:
                     self.error = e
@@ -145,6 +147,7 @@ class LayerReader:
             while self.read_pos <= self.take_pos and self.error is None:
                 self.cond.wait()
             self.stats.io_wait_s += time.perf_counter() - t
+            TIMELINE.add("target waits for a read", t)
             if self.read_pos <= self.take_pos:
                 error, self.error = self.error, None
                 self._restart_locked()
@@ -337,6 +340,7 @@ class StreamedTransformer(Transformer):
         finally:
             self.io.passes += 1
             self.io.pass_s += time.perf_counter() - t
+            TIMELINE.add("target pass", t)
 
     def close(self) -> None:
         if self.reader is not None:
