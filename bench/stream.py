@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import mmap
 import os
 import subprocess
 import sys
@@ -36,6 +35,7 @@ from llmcad.budget import MB  # noqa: E402
 from llmcad.engine import Engine  # noqa: E402
 from llmcad.hub import DEFAULT_TARGET, resolve_model  # noqa: E402
 from llmcad.store import ensure_store  # noqa: E402
+from llmcad.streaming import Unit, open_direct, aligned_buffer, can_read_directly, read_unit  # noqa: E402
 from llmcad.weights import open_checkpoint  # noqa: E402
 from tests.cgroup import cgroup_unavailable, run_limited  # noqa: E402
 
@@ -51,20 +51,18 @@ def evict(files) -> None:
 
 
 def raw_read_gbps(files: list[Path]) -> float:
-    """Sequential reads of `files`, page cache dropped first, one read per file as the engine does."""
-    size = max(f.stat().st_size for f in files)
-    buf = mmap.mmap(-1, size)
-    view = memoryview(buf)
+    """Sequential reads of `files`, page cache dropped first, one read per file as the engine
+    does: straight from the disk (O_DIRECT) where the file system allows, else buffered."""
+    buffer = aligned_buffer(max(f.stat().st_size for f in files))
     evict(files)
     total, t = 0, time.perf_counter()
     for f in files:
-        fd = os.open(f, os.O_RDONLY)
-        n, done = f.stat().st_size, 0
-        while done < n:
-            done += os.preadv(fd, [view[done:n]], done)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        unit = Unit(f, ((0, f.stat().st_size, 0),))
+        fd = open_direct(f)
+        direct = fd is not None and can_read_directly(unit, buffer)
+        fd = fd if fd is not None else os.open(f, os.O_RDONLY)
+        total += read_unit(unit, buffer, fd, drop_page_cache=True, direct=direct)
         os.close(fd)
-        total += n
     return total / (time.perf_counter() - t) / 1e9
 
 

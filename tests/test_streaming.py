@@ -23,7 +23,8 @@ from llmcad.generate import autoregressive
 from llmcad.model import KVCache
 from llmcad.sampling import Sampler, SamplingParams
 from llmcad.store import LayerStore, convert, ensure_store
-from llmcad.streaming import StreamedTransformer
+from llmcad.streaming import BLOCK, StreamedTransformer, Unit, aligned_buffer, can_read_directly, read_unit
+from llmcad.timeline import TIMELINE
 from llmcad.weights import load_model, open_checkpoint
 from tests.cgroup import cgroup_unavailable, run_limited
 
@@ -128,6 +129,29 @@ def test_corrupt_or_truncated_store_files_are_named(tiny_llama, tmp_path):
         model.close()
 
 
+@pytest.mark.skipif(not hasattr(os, "O_DIRECT"), reason="no O_DIRECT on this platform")
+def test_direct_reads_give_the_same_bytes_and_name_a_truncated_file(tmp_path):
+    """Aligned units are read with O_DIRECT (whole blocks, the file's last one short); the
+    bytes are those of a buffered read, and a file cut short is a short read, not garbage."""
+    data = os.urandom(3 * BLOCK + 1234)
+    path = tmp_path / "layer.bin"
+    path.write_bytes(data)
+    unit = Unit(path, ((0, len(data), 0),), header=data[:8])
+    buffer = aligned_buffer(len(data))
+    assert can_read_directly(unit, buffer)
+    assert not can_read_directly(Unit(path, ((100, 50, 0),)), buffer)  # offset inside a block
+    assert not can_read_directly(unit, aligned_buffer(len(data))[1:])  # misaligned memory
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+    try:
+        assert read_unit(unit, buffer, fd, drop_page_cache=True, direct=True) == len(data)
+        assert bytes(buffer[: len(data)].numpy()) == data
+        path.write_bytes(data[: 2 * BLOCK + 10])
+        with pytest.raises(LlmcadError, match=r"layer\.bin: short read \(8202 of 13522 bytes"):
+            read_unit(unit, buffer, fd, drop_page_cache=True, direct=True)
+    finally:
+        os.close(fd)
+
+
 def test_layer_file_from_another_store_is_refused(tiny_llama, tmp_path):
     a = LayerStore.open(convert(open_checkpoint(tiny_llama), tmp_path / "a", "int8"))
     b = convert(open_checkpoint(tiny_llama), tmp_path / "b", "fp32")
@@ -201,6 +225,23 @@ def test_streamed_engine_serializes_concurrent_generations(tiny_llama, fixed_run
         stats = engine.generate(prompts[0], max_tokens=4, ignore_eos=True).stats.extra
         assert stats["target_passes"] == 4 and stats["bytes_read"] >= 4 * 3 * engine.plan.layer_bytes
         assert stats["io_s"] > 0 and stats["compute_s"] > 0
+
+
+def test_timeline_records_reads_target_passes_and_draft_passes(tiny_llama, fixed_runtime):
+    """With the timeline on, a streamed llmcad generation records the reader's reads, the
+    target's passes and the draft's passes in both threads; off, nothing is kept."""
+    with Engine.load(tiny_llama, draft=tiny_llama, progress=False) as engine:
+        budget = engine.plan.total - engine.plan.resident_target + 2 * engine.store.layer_layout.nbytes
+    with Engine.load(tiny_llama, draft=tiny_llama, memory_budget=budget, progress=False) as engine:
+        TIMELINE.start()
+        try:
+            engine.generate("abc", max_tokens=12, ignore_eos=True, mode="llmcad")
+        finally:
+            spans = TIMELINE.stop()
+        engine.generate("abc", max_tokens=4, ignore_eos=True, mode="llmcad")
+    assert {"read", "target pass", "draft", "draft, in the background"} <= {lane for lane, _, _ in spans}
+    assert all(start <= end for _, start, end in spans)
+    assert TIMELINE.stop() == []
 
 
 # ---- the real models -------------------------------------------------------------------
