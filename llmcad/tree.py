@@ -40,9 +40,8 @@ class TokenTree:
         self.size += 1
         return i
 
-    def child_with_token(self, node: int, token: int, below: int | None = None) -> int | None:
-        """The child of `node` carrying `token` (among nodes numbered below `below`), or None."""
-        return next((c for c in self.children[node] if self.tokens[c] == token and (below is None or c < below)), None)
+    def child_with_token(self, node: int, token: int) -> int | None:
+        return next((c for c in self.children[node] if self.tokens[c] == token), None)
 
     def grown(self, capacity: int) -> TokenTree:
         """A copy of this tree with room for `capacity` nodes."""
