@@ -21,7 +21,7 @@ from llmcad.config import ModelConfig
 from llmcad.errors import LlmcadError
 
 MB = 1 << 20
-HEADROOM = 96 * MB  # allocator slack and kernels' first-use workspaces (calibrated in tests/test_budget.py)
+HEADROOM = 96 * MB  # allocator slack and kernels' first-use workspaces (held to by the cgroup test in tests/test_streaming.py)
 UNITS = {"": 1, "B": 1, "K": 1 << 10, "KB": 1 << 10, "M": MB, "MB": MB, "G": 1 << 30, "GB": 1 << 30}
 
 
