@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from llmcad.budget import HEADROOM, MB, MemoryPlan, parse_size, plan_memory
-from llmcad.engine import Engine
+from llmcad.engine import Engine, map_kernels
 from llmcad.errors import LlmcadError
 from llmcad.generate import autoregressive
 from llmcad.model import KVCache
@@ -194,6 +194,14 @@ def fixed_runtime(monkeypatch):
     """Plans for tiny models are decided by the measured runtime, which varies by more than
     the whole model: pin it."""
     monkeypatch.setattr("llmcad.engine.current_rss", lambda: 300 * MB)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "int8"])
+def test_map_kernels_runs_for_any_config(tiny_llama, precision):
+    """The miniature run before measuring the runtime must not trip on settings sized for
+    the real model, such as GGUF per-pair rotary factors."""
+    config = replace(open_checkpoint(tiny_llama).config, rope_scaling={"rope_type": "freq_factors", "factors": [1.0] * 40})
+    map_kernels(config, precision)
 
 
 def test_engine_refuses_a_budget_below_its_minimum(tiny_llama):
