@@ -114,15 +114,15 @@ class Engine:
         engine keeps as much of the target resident as fits and streams the rest; None
         keeps everything resident. `max_context` defaults to 4096 tokens, or under a budget
         to the largest of 4096, 2048, 1024, 512 that fits (and with a draft, tree slots of 64
-        or else 32). Pages read while streaming are
-        dropped from the OS page cache unless `keep_page_cache`."""
+        or else 32). Streamed layers are read past the OS page cache (O_DIRECT, or dropped
+        from it after use) unless `keep_page_cache`."""
         budget = None if memory_budget is None else parse_size(memory_budget)
         if budget is not None:
             return_large_blocks_at_once()
         store = open_store(target, precision, progress)
         config = store.config
         if budget is not None:
-            for p in {store.precision, draft_precision}:
+            for p in {store.precision, draft_precision} if draft is not None else {store.precision}:
                 map_kernels(config, p)
             release_free_memory()
         runtime = current_rss()  # interpreter, libraries, tokenizer and the kernels' code
