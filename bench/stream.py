@@ -35,7 +35,7 @@ from llmcad.budget import MB  # noqa: E402
 from llmcad.engine import Engine  # noqa: E402
 from llmcad.hub import DEFAULT_TARGET, resolve_model  # noqa: E402
 from llmcad.store import ensure_store  # noqa: E402
-from llmcad.streaming import Unit, open_direct, aligned_buffer, can_read_directly, read_unit  # noqa: E402
+from llmcad.streaming import Unit, aligned_buffer, can_read_directly, open_for_reading, read_unit  # noqa: E402
 from llmcad.weights import open_checkpoint  # noqa: E402
 from tests.cgroup import cgroup_unavailable, run_limited  # noqa: E402
 
@@ -58,9 +58,7 @@ def raw_read_gbps(files: list[Path]) -> float:
     total, t = 0, time.perf_counter()
     for f in files:
         unit = Unit(f, ((0, f.stat().st_size, 0),))
-        fd = open_direct(f)
-        direct = fd is not None and can_read_directly(unit, buffer)
-        fd = fd if fd is not None else os.open(f, os.O_RDONLY)
+        fd, direct = open_for_reading(f, can_read_directly(unit, buffer))
         total += read_unit(unit, buffer, fd, drop_page_cache=True, direct=direct)
         os.close(fd)
     return total / (time.perf_counter() - t) / 1e9

@@ -16,7 +16,7 @@ from llmcad.errors import LlmcadError
 from llmcad.generate import Generation, GenerationStats, Piece, autoregressive, stream_text
 from llmcad.hub import DEFAULT_TARGET, resolve_model
 from llmcad.model import ROW_CHUNK, KVCache, Transformer
-from llmcad.quant import to_precision
+from llmcad.quant import convert_submodule
 from llmcad.sampling import Sampler, SamplingParams
 from llmcad.fallback import FALLBACKS, TreeLimits, make_fallback
 from llmcad.speculative import SpeculativeDecoder
@@ -170,10 +170,10 @@ class Engine:
         model = StreamedTransformer(store, plan, drop_page_cache=not keep_page_cache)
         engine = cls(model, store, context, draft_state, mode, slots, fallback)
         if plan.bytes_per_pass and torch.get_num_threads() > 1:
-            # The reader keeps a core busy copying pages; compute threads that share it with
-            # the reader stall each other at every parallel barrier (measured on 2 cores:
-            # 0.61 tok/s with 2 compute threads, 1.02 with 1). Drafting, while the target
-            # waits, still uses them all.
+            # Measured with buffered reads, when the reader kept a core busy copying pages:
+            # compute threads sharing it with the reader stalled each other at every parallel
+            # barrier (2 cores: 0.61 tok/s with 2 compute threads, 1.02 with 1). Not re-measured
+            # since layers are read with O_DIRECT. Drafting, while the target waits, uses all.
             torch.set_num_threads(torch.get_num_threads() - 1)
         return engine
 
@@ -327,11 +327,8 @@ def map_kernels(config: ModelConfig, precision: str) -> None:
         rope_scaling=None,  # per-pair factors sized for the real head_dim would not fit
     )
     model = Transformer(small)
-    for name, module in list(model.named_modules()):
-        converted = to_precision(module, precision)
-        if converted is not module:
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent), child, converted)
+    for name, _ in list(model.named_modules()):
+        convert_submodule(model, name, precision)
     cache = KVCache(small, 48)
     for n in (40, 1):
         model(torch.zeros(n, dtype=torch.long), torch.arange(n), cache, 0)

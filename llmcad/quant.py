@@ -95,3 +95,12 @@ def to_precision(module: nn.Module, precision: str) -> nn.Module:
     if isinstance(module, nn.Embedding):
         return Int8Embedding.quantize(module.weight.data)
     return module
+
+
+def convert_submodule(model: nn.Module, name: str, precision: str) -> None:
+    """Replace `model`'s submodule `name` by its version in `precision`, if that differs."""
+    module = model.get_submodule(name)
+    converted = to_precision(module, precision)
+    if converted is not module:
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, converted)

@@ -115,12 +115,15 @@ def read_unit(unit: Unit, buffer: torch.Tensor, fd: int, drop_page_cache: bool, 
     return total
 
 
-def open_direct(path: Path) -> int | None:
-    """A descriptor reading `path` past the page cache (O_DIRECT), or None where the file system cannot."""
-    try:
-        return os.open(path, os.O_RDONLY | os.O_DIRECT)
-    except OSError:  # a file system without direct IO (tmpfs, some network mounts)
-        return None
+def open_for_reading(path: Path, direct: bool) -> tuple[int, bool]:
+    """A read-only descriptor for `path`, and whether it reads past the page cache: O_DIRECT
+    when `direct` is asked and the file system allows it (not tmpfs, some network mounts)."""
+    if direct:
+        try:
+            return os.open(path, os.O_RDONLY | os.O_DIRECT), True
+        except OSError:
+            pass
+    return os.open(path, os.O_RDONLY), False
 
 
 _OPEN_READERS: weakref.WeakSet[LayerReader] = weakref.WeakSet()
@@ -140,11 +143,9 @@ class LayerReader:
     def __init__(self, units: list[Unit], buffers: list[torch.Tensor], stats: IOStats, drop_page_cache: bool = True):
         self.units, self.buffers, self.stats = units, buffers, stats
         self.drop_page_cache = drop_page_cache
-        self.fds = {u.path: os.open(u.path, os.O_RDONLY) for u in units}
         # files whose every unit is block-aligned are read past the page cache (module docstring)
-        paths = {u.path for u in units} if drop_page_cache else set()
         unaligned = {u.path for u in units if not all(can_read_directly(u, b) for b in buffers)}
-        self.direct_fds = {path: fd for path in paths - unaligned if (fd := open_direct(path)) is not None}
+        self.fds = {path: open_for_reading(path, drop_page_cache and path not in unaligned) for path in {u.path for u in units}}
         self.cond = threading.Condition()
         self._start()
         _OPEN_READERS.add(self)
@@ -167,12 +168,8 @@ class LayerReader:
             unit = self.units[pos % len(self.units)]
             t = time.perf_counter()
             try:
-                buffer = self.buffers[pos % len(self.buffers)]
-                direct_fd = self.direct_fds.get(unit.path)
-                if direct_fd is not None:
-                    n = read_unit(unit, buffer, direct_fd, self.drop_page_cache, direct=True)
-                else:
-                    n = read_unit(unit, buffer, self.fds[unit.path], self.drop_page_cache)
+                fd, direct = self.fds[unit.path]
+                n = read_unit(unit, self.buffers[pos % len(self.buffers)], fd, self.drop_page_cache, direct)
                 TIMELINE.add("read", t)
             except BaseException as e:  # handed to the consumer, which raises it
                 with self.cond:
@@ -225,9 +222,9 @@ class LayerReader:
             self.stopping = True
             self.cond.notify_all()
         self.thread.join()
-        for fd in [*self.fds.values(), *self.direct_fds.values()]:
+        for fd, _ in self.fds.values():
             os.close(fd)
-        self.fds, self.direct_fds = {}, {}
+        self.fds = {}
         _OPEN_READERS.discard(self)
 
 

@@ -22,7 +22,7 @@ from llmcad.config import ModelConfig
 from llmcad.errors import LlmcadError
 from llmcad.gguf_file import GGUFFile, dequantize_tensor
 from llmcad.model import Transformer
-from llmcad.quant import PRECISIONS, Int8Embedding, Int8Linear, quantize_rows, tied_head, to_precision
+from llmcad.quant import PRECISIONS, Int8Embedding, Int8Linear, convert_submodule, quantize_rows, tied_head
 from llmcad.tokenizer import Tokenizer
 
 GGUF_NAMES = {
@@ -175,10 +175,7 @@ def _assign(model: Transformer, name: str, tensor: torch.Tensor, precision: str,
         raise LlmcadError(f"{source}: tensor {name!r} has shape {tuple(tensor.shape)}, expected {shape}")
     setattr(module, attr, nn.Parameter(tensor, requires_grad=False))
     if not _is_incomplete(module):
-        converted = to_precision(module, precision)
-        if converted is not module:
-            parent_name, _, child = module_name.rpartition(".")
-            setattr(model.get_submodule(parent_name), child, converted)
+        convert_submodule(model, module_name, precision)
 
 
 def _is_incomplete(module: nn.Module) -> bool:
