@@ -230,7 +230,13 @@ def ensure_store(ckpt: Checkpoint, precision: str, progress: bool = False) -> La
     path = store_path(ckpt, precision)
     if (path / "manifest.json").is_file():
         return LayerStore.open(path, progress=progress)
-    convert(ckpt, path, precision, progress)
+    try:
+        convert(ckpt, path, precision, progress)
+    except (LlmcadError, OSError):
+        if not (path / "manifest.json").is_file():
+            raise
+        # another process converted the same model meanwhile (first use by two at once): use its store
+        return LayerStore.open(path, progress=progress)
     return LayerStore.open(path, verify=False)  # just written and hashed
 
 

@@ -97,6 +97,25 @@ def test_store_keeps_config_and_tokenizer(tiny_model, tmp_path):
         convert(ckpt, store.path, "int8")
 
 
+def test_store_converted_by_another_process_meanwhile_is_used(tiny_llama, tmp_path, monkeypatch):
+    """Two processes on first use convert the same model at once; the one that finishes
+    second uses the other's store instead of failing."""
+    import llmcad.store as store_module
+
+    monkeypatch.setenv("LLMCAD_STORES", str(tmp_path))
+    ckpt = open_checkpoint(tiny_llama)
+    real = store_module.convert
+
+    def racing(ckpt, out, precision, progress=False):
+        real(ckpt, out, precision)  # the other process finishes first
+        return real(ckpt, out, precision, progress)
+
+    monkeypatch.setattr(store_module, "convert", racing)
+    store = ensure_store(ckpt, "fp32")
+    assert store.path == store_module.store_path(ckpt, "fp32") and store.precision == "fp32"
+    assert [p.name for p in tmp_path.iterdir()] == [store.path.name]  # no partial left behind
+
+
 def test_corrupt_or_truncated_store_files_are_named(tiny_llama, tmp_path):
     store_dir = convert(open_checkpoint(tiny_llama), tmp_path / "store", "int8")
     layer = store_dir / "layer_001.safetensors"
