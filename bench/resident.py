@@ -3,24 +3,26 @@
 Greedy generation of exactly N new tokens (EOS ignored) for every prompt of the project's
 prompt set (bench/prompts/*.jsonl, one user message in the model's chat template), by:
 
-  llmcad-int8, llmcad-fp32  llmcad.Engine.load(target, precision=...), Engine.generate
+  llmcad-q4, llmcad-int8,   llmcad.Engine.load(target, precision=...), Engine.generate
+  llmcad-fp32
   transformers-fp32         AutoModelForCausalLM on the same GGUF (dequantized to fp32), generate()
   llama.cpp                 llama-server (per prompt, same token ids) or llama-bench (one synthetic
                             run), when found in $LLAMACPP_BIN (file or folder), PATH, or the folder
                             shared/tools/build-llamacpp installs to; else recorded as unavailable
 
 Each engine is loaded once and warmed up (8 tokens), then engines are interleaved per prompt
-(int8, fp32, transformers, llama.cpp) so machine noise hits them alike. Per run: prompt tokens,
+(q4, int8, fp32, transformers, llama.cpp) so machine noise hits them alike. Per run: prompt tokens,
 prefill s (prompt in -> first new token out), decode s (first -> last new token: N-1 forwards)
 and decode tok/s = (N-1) / decode s, timed the same way for every engine. Summary: medians per
 engine and per kind, and each engine's median decode tok/s over transformers' (same run).
 
-int8 against fp32, per prompt: greedy agreement teacher-forced on fp32's continuation (one
-int8 forward over prompt + fp32's N tokens, argmax at each position vs fp32's token), the
-identical prefix of the free-running outputs, and the mean log-likelihood per token of
-fp32's continuation under fp32 and under int8 (teacher-forced). int8 quantizes activations per
-call, so one batched forward is not the step-by-step decode numerically; "self-agreement" (the
-one-forward argmax vs the engine's own free-running tokens) shows how large that gap is.
+Each quantized precision (int8, q4) against fp32, per prompt: greedy agreement
+teacher-forced on fp32's continuation (one forward over prompt + fp32's N tokens, argmax at
+each position vs fp32's token), the identical prefix of the free-running outputs, and the
+mean log-likelihood per token of fp32's continuation under fp32 and under the precision
+(teacher-forced). "Self-agreement" (the one-forward argmax vs the engine's own free-running
+tokens) checks that one batched forward computes what step-by-step decoding does (1: it
+does, as speculation needs).
 
 Memory: with every engine, two fp32 copies of the 1.5B target plus int8 peak near 20 GB
 (transformers is loaded first, while its GGUF conversion needs a second copy); --no-hf halves it.
@@ -56,7 +58,8 @@ from llmcad.generate import peak_rss_mb
 from llmcad.hub import DEFAULT_TARGET, resolve_model
 from llmcad.weights import open_checkpoint
 
-ENGINES = ("llmcad-int8", "llmcad-fp32", "transformers-fp32", "llama.cpp")
+ENGINES = ("llmcad-q4", "llmcad-int8", "llmcad-fp32", "transformers-fp32", "llama.cpp")
+QUANTIZED = ("q4", "int8")  # compared with fp32
 BASELINE = "transformers-fp32"
 WARMUP_TOKENS = 8
 
@@ -226,21 +229,21 @@ def same_prefix(a: list[int] | None, b: list[int] | None) -> int | None:
     return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
-def quality(int8: Llmcad, fp32: Llmcad, ids: list[int], runs: dict) -> dict:
+def quality(precision: str, quantized: Llmcad, fp32: Llmcad, ids: list[int], runs: dict) -> dict:
     cont = runs["llmcad-fp32"]["tokens"]
-    target = torch.tensor(cont)
-    a8, lp8 = int8.teacher_forced(ids, cont)
+    argmax, logp = quantized.teacher_forced(ids, cont)
     a32, lp32 = fp32.teacher_forced(ids, cont)
-    own = runs["llmcad-int8"]["tokens"]
-    a8_own, _ = int8.teacher_forced(ids, own)
+    own = runs[f"llmcad-{precision}"]["tokens"]
+    own_argmax, _ = quantized.teacher_forced(ids, own)
     return {
-        "greedy_agreement": (a8 == target).float().mean().item(),
+        "precision": precision,
+        "greedy_agreement": (argmax == torch.tensor(cont)).float().mean().item(),
         # one batched forward vs the step-by-step decode that produced the tokens; 1 = same numerics
-        "fp32_self_agreement": (a32 == target).float().mean().item(),
-        "int8_self_agreement": (a8_own == torch.tensor(own)).float().mean().item(),
-        "identical_prefix": same_prefix(runs["llmcad-int8"]["tokens"], cont),
+        "fp32_self_agreement": (a32 == torch.tensor(cont)).float().mean().item(),
+        "self_agreement": (own_argmax == torch.tensor(own)).float().mean().item(),
+        "identical_prefix": same_prefix(own, cont),
         "loglik_fp32": lp32.mean().item(),
-        "loglik_int8": lp8.mean().item(),
+        "loglik": logp.mean().item(),
     }
 
 
@@ -273,16 +276,16 @@ def summarize(runs: list[dict], quality_rows: list[dict], extra: dict) -> dict:
         return {
             "prompts": len(rows), "mean_greedy_agreement": mean("greedy_agreement"),
             "median_greedy_agreement": median(r["greedy_agreement"] for r in rows),
-            "mean_fp32_self_agreement": mean("fp32_self_agreement"),
-            "mean_int8_self_agreement": mean("int8_self_agreement"),
+            "mean_fp32_self_agreement": mean("fp32_self_agreement"), "mean_self_agreement": mean("self_agreement"),
             "median_identical_prefix": median(r["identical_prefix"] for r in rows),
-            "mean_loglik_fp32": mean("loglik_fp32"), "mean_loglik_int8": mean("loglik_int8"),
+            "mean_loglik_fp32": mean("loglik_fp32"), "mean_loglik": mean("loglik"),
         }  # fmt: skip
 
-    qual = None
-    if quality_rows:
-        qual = {"all": q(quality_rows)} | {k: q([r for r in quality_rows if r["kind"] == k]) for k in kinds}
-    return {"engines": with_ratio(overall), "by_kind": by_kind, "quality_int8_vs_fp32": qual}
+    qual = {}
+    for precision in dict.fromkeys(r["precision"] for r in quality_rows):
+        rows = [r for r in quality_rows if r["precision"] == precision]
+        qual[precision] = {"all": q(rows)} | {k: q([r for r in rows if r["kind"] == k]) for k in kinds if any(r["kind"] == k for r in rows)}
+    return {"engines": with_ratio(overall), "by_kind": by_kind, "quality_vs_fp32": qual}
 
 
 def markdown(summary: dict) -> str:
@@ -295,11 +298,11 @@ def markdown(summary: dict) -> str:
     names = [e for e in eng if e in next(iter(summary["by_kind"].values()), {})]
     rows = [[k] + [t[e]["median_decode_tokens_per_s"] for e in names] for k, t in summary["by_kind"].items()]
     out.append(md_table(["median decode tok/s"] + names, rows))
-    if q := summary["quality_int8_vs_fp32"]:
-        keys = ["median_greedy_agreement", "median_identical_prefix", "mean_loglik_fp32", "mean_loglik_int8",
-                "mean_fp32_self_agreement", "mean_int8_self_agreement"]  # fmt: skip
-        out.append(md_table(["int8 vs fp32", "greedy agreement", "identical prefix", "loglik fp32", "loglik int8",
-                             "fp32 self-agr.", "int8 self-agr."],
+    keys = ["median_greedy_agreement", "median_identical_prefix", "mean_loglik_fp32", "mean_loglik",
+            "mean_fp32_self_agreement", "mean_self_agreement"]  # fmt: skip
+    for precision, q in summary["quality_vs_fp32"].items():
+        out.append(md_table([f"{precision} vs fp32", "greedy agreement", "identical prefix", "loglik fp32", f"loglik {precision}",
+                             "fp32 self-agr.", f"{precision} self-agr."],
                             [[k] + [v[x] for x in keys] for k, v in q.items()]))  # fmt: skip
     return "\n\n".join(out)
 
@@ -367,12 +370,12 @@ def main() -> None:
             "chat_template": "engine.chat_prompt([{'role': 'user', 'content': prompt}])",
             "decode_tokens_per_s": "(N-1) / decode_s; decode_s runs from the first new token to the last",
             "quality": (
-                "per prompt, llmcad int8 vs fp32, teacher-forced on fp32's greedy continuation in ONE forward over "
-                "prompt + N tokens (engine.model(ids, arange(T), cache, 0)): greedy_agreement = fraction of the N "
-                "positions where int8's argmax equals fp32's token; loglik_* = mean log p(fp32 token) per token; "
-                "identical_prefix = leading tokens shared by the free-running int8 and fp32 outputs. int8 quantizes "
-                "activations per call (per tensor), so a batched forward is not numerically the step-by-step decode: "
-                "*_self_agreement = one-forward argmax vs the engine's own free-running tokens (1 = no gap)"
+                "per prompt, each llmcad precision in (q4, int8) vs fp32, teacher-forced on fp32's greedy continuation "
+                "in ONE forward over prompt + N tokens (engine.model(ids, arange(T), cache, 0)): greedy_agreement = "
+                "fraction of the N positions where the precision's argmax equals fp32's token; loglik_fp32 / loglik = "
+                "mean log p(fp32 token) per token under fp32 / the precision; identical_prefix = leading tokens shared "
+                "by the free-running outputs; *self_agreement = one-forward argmax vs the engine's own free-running "
+                "tokens (1 = a batched forward computes what step-by-step decoding does)"
             ),
         },  # fmt: skip
         "engines": {}, "runs": [], "quality": [], "summary": None, "complete": False,
@@ -425,9 +428,10 @@ def main() -> None:
         if "llmcad-fp32" in out:
             for rec in result["runs"][-len(out) :]:
                 rec["identical_prefix_vs_llmcad_fp32"] = same_prefix(rec["tokens"], out["llmcad-fp32"]["tokens"])
-            if "llmcad-int8" in out:
-                qual = quality(engines["llmcad-int8"], engines["llmcad-fp32"], ids, out)
-                result["quality"].append({"id": q["id"], "kind": q["kind"], **qual})
+            for precision in QUANTIZED:
+                if f"llmcad-{precision}" in out:
+                    qual = quality(precision, engines[f"llmcad-{precision}"], engines["llmcad-fp32"], ids, out)
+                    result["quality"].append({"id": q["id"], "kind": q["kind"], **qual})
         write_json(args.out, result)  # partial results survive an interrupted run
 
     extra = {}

@@ -16,7 +16,7 @@ from llmcad.errors import LlmcadError
 from llmcad.generate import Generation, GenerationStats, Piece, autoregressive, stream_text
 from llmcad.hub import DEFAULT_TARGET, resolve_model
 from llmcad.model import ROW_CHUNK, KVCache, Transformer
-from llmcad.quant import convert_submodule
+from llmcad.quant import convert_submodule, vocab_precision
 from llmcad.sampling import Sampler, SamplingParams
 from llmcad.fallback import FALLBACKS, TreeLimits, make_fallback
 from llmcad.speculative import SpeculativeDecoder
@@ -120,6 +120,7 @@ class Engine:
         if budget is not None:
             return_large_blocks_at_once()
         store = open_store(target, precision, progress)
+        store.tokenizer  # loaded before the runtime is measured: it is part of it
         config = store.config
         if budget is not None:
             for p in {store.precision, draft_precision} if draft is not None else {store.precision}:
@@ -328,7 +329,7 @@ def map_kernels(config: ModelConfig, precision: str) -> None:
     )
     model = Transformer(small)
     for name, _ in list(model.named_modules()):
-        convert_submodule(model, name, precision)
+        convert_submodule(model, name, vocab_precision(precision) if name == "lm_head" else precision)
     cache = KVCache(small, 48)
     for n in (40, 1):
         model(torch.zeros(n, dtype=torch.long), torch.arange(n), cache, 0)

@@ -9,7 +9,8 @@
     norm.safetensors         final norm
 
 Tensors are stored in the compute layout of the store's precision (fp32: float32; int8:
-int8 weights with per-row fp32 scales, see quant.py), so a file read as is into a buffer
+int8 weights with per-row fp32 scales; q4: the 4-bit kernel's packed codes with bf16 group
+scales, and int8 embedding and head; see quant.py), so a file read as is into a buffer
 gives the tensors as aligned views, with no conversion per pass. Files are plain
 safetensors; they are written here a chunk at a time so that converting a model needs
 about one layer of memory, not the whole embedding.
@@ -35,13 +36,13 @@ from tqdm import tqdm
 from llmcad.config import ModelConfig
 from llmcad.errors import LlmcadError
 from llmcad.model import Block
-from llmcad.quant import PRECISIONS, quantize_rows
+from llmcad.quant import PRECISIONS, linear_tensors, quantize_rows, vocab_precision
 from llmcad.tokenizer import Tokenizer
 from llmcad.weights import IGNORED_HF_TENSORS, Checkpoint
 
 FORMAT = "llmcad-layer-store"
 VERSION = 1
-DTYPES = {torch.float32: "F32", torch.int8: "I8"}
+DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.int8: "I8", torch.uint8: "U8"}
 DTYPE_OF = {v: k for k, v in DTYPES.items()}
 EMBED_ROWS_PER_CHUNK = 8192  # rows converted at a time
 HASH_CHUNK = 16 << 20
@@ -120,15 +121,16 @@ def layer_tensor_names(config: ModelConfig) -> dict[str, tuple[int, ...]]:
 
 
 def _layer_specs(tensors: dict[str, torch.Tensor], precision: str) -> list[tuple[str, torch.Tensor]]:
-    """A layer's tensors in the compute layout, fp32 tensors first (so every view is aligned)."""
+    """A layer's tensors in the compute layout, widest element type first (so every view is
+    aligned: fp32, then bf16, then bytes)."""
     out = []
     for name, t in sorted(tensors.items()):
-        if precision == "int8" and name.endswith("_proj.weight"):
-            q, scale = quantize_rows(t)
-            out += [(name.removesuffix("weight") + "scale", scale), (name, q)]
+        if name.endswith("_proj.weight"):
+            prefix = name.removesuffix("weight")
+            out += [(prefix + key, value) for key, value in linear_tensors(t, None, precision).items()]
         else:
             out.append((name, t.float()))
-    return sorted(out, key=lambda item: item[1].dtype != torch.float32)
+    return sorted(out, key=lambda item: -item[1].dtype.itemsize)
 
 
 class LayerStore:
@@ -320,6 +322,7 @@ def _split_layer_name(name: str, source: Path, num_layers: int) -> tuple[int, st
 def _write_matrix(ckpt: Checkpoint, name: str, path: Path, precision: str) -> dict:
     """An embedding-shaped matrix converted a slice of rows at a time: `weight`, then for
     int8 the per-row `scale`."""
+    precision = vocab_precision(precision)
     rows, cols = ckpt.config.vocab_size, ckpt.config.hidden_size
     scales: list[torch.Tensor] = []
 

@@ -27,13 +27,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from llmcad.budget import MemoryPlan
 from llmcad.errors import LlmcadError
 from llmcad.model import Block, RMSNorm, Transformer
-from llmcad.quant import Int8Embedding, Int8Linear
+from llmcad.quant import Int8Embedding, linear_from
 from llmcad.store import Layout, LayerStore
 from llmcad.timeline import TIMELINE
 
@@ -234,28 +233,12 @@ def make_block(store: LayerStore, views: dict[str, torch.Tensor]) -> Block:
         block = Block(store.config)
     for name, module in list(block.named_modules()):
         if isinstance(module, nn.Linear):
-            weight, bias = views[f"{name}.weight"], views.get(f"{name}.bias")
-            linear = Int8Linear(weight, views[f"{name}.scale"], bias) if store.precision == "int8" else _Linear(weight, bias)
+            tensors = {key[len(name) + 1 :]: view for key, view in views.items() if key.rpartition(".")[0] == name}
             parent, _, child = name.rpartition(".")
-            setattr(block.get_submodule(parent), child, linear)
+            setattr(block.get_submodule(parent), child, linear_from(tensors))
         elif isinstance(module, RMSNorm):
             module.weight = nn.Parameter(views[f"{name}.weight"], requires_grad=False)
     return block
-
-
-class _Linear(nn.Module):
-    """fp32 y = x W^T + b over tensors owned elsewhere."""
-
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
-        super().__init__()
-        self.weight, self.bias = weight, bias
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
-
-
-def _matrix_module(store: LayerStore, views: dict[str, torch.Tensor]) -> nn.Module:
-    return Int8Linear(views["weight"], views["scale"]) if store.precision == "int8" else _Linear(views["weight"], None)
 
 
 class StreamedLayers(nn.Module):
@@ -358,11 +341,11 @@ class StreamedTransformer(Transformer):
             if len(resident) < config.num_layers:
                 slot_blocks = [make_block(store, layout.views(b)) for b in buffers]
             sizes = {stop - start for start, stop in chunks}
-            slot_heads = [{n: _matrix_module(store, _head_views(head, b, n)) for n in sizes} for b in buffers]
+            slot_heads = [{n: linear_from(_head_views(head, b, n)) for n in sizes} for b in buffers]
         self.layers = StreamedLayers(config.num_layers, resident, slot_blocks, self.reader)
         if plan.head_resident:
             matrix = _read_file(store.head_path, head)
-            self.lm_head = _matrix_module(store, head.views(matrix))
+            self.lm_head = linear_from(head.views(matrix))
         else:
             self.lm_head = StreamedHead(chunks, slot_heads, self.reader, config.vocab_size)
         if config.tie_word_embeddings and plan.head_resident:  # lookups from the resident head
@@ -373,7 +356,7 @@ class StreamedTransformer(Transformer):
             views = None
             self.embed_tokens = RowEmbedding(store)
         if views is not None:
-            self.embed_tokens = Int8Embedding(views["weight"], views["scale"]) if store.precision == "int8" else _Rows(views["weight"])
+            self.embed_tokens = Int8Embedding(views["weight"], views["scale"]) if "scale" in views else _Rows(views["weight"])
 
     def forward(self, *args, **kwargs) -> torch.Tensor:
         t = time.perf_counter()

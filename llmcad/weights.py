@@ -22,7 +22,7 @@ from llmcad.config import ModelConfig
 from llmcad.errors import LlmcadError
 from llmcad.gguf_file import GGUFFile, dequantize_tensor
 from llmcad.model import Transformer
-from llmcad.quant import PRECISIONS, Int8Embedding, Int8Linear, convert_submodule, quantize_rows, tied_head
+from llmcad.quant import PRECISIONS, Int8Embedding, Int8Linear, convert_submodule, quantize_rows, tied_head, vocab_precision
 from llmcad.tokenizer import Tokenizer
 
 GGUF_NAMES = {
@@ -68,7 +68,8 @@ class Checkpoint:
         tensor = next((t for t in self.gguf.tensors if _gguf_name(t.name) == name), None)
         if tensor is None:
             raise LlmcadError(f"{self.path}: no tensor {name}")
-        return lambda start, stop: torch.from_numpy(dequantize_tensor(self.gguf.path, tensor, slice(start, stop)))
+        path = self.gguf.path  # not `self`: a closure over it would keep the metadata and tokenizer alive
+        return lambda start, stop: torch.from_numpy(dequantize_tensor(path, tensor, slice(start, stop)))
 
     @property
     def format(self) -> str:
@@ -140,6 +141,7 @@ def load_model(ckpt: Checkpoint, precision: str = "fp32", progress: bool = False
 
 def _vocab_matrix(ckpt: Checkpoint, name: str, precision: str) -> nn.Module:
     """The embedding or output head `name`, converted to `precision` in slices of rows."""
+    precision = vocab_precision(precision)
     rows, cols = ckpt.config.vocab_size, ckpt.config.hidden_size
     weight = torch.empty(rows, cols, dtype=torch.int8 if precision == "int8" else torch.float32)
     scale = torch.empty(rows)

@@ -62,6 +62,23 @@ def test_greedy_equals_target_alone(pair, ar_tokens, setting):
     assert accepted > 0  # the draft is close enough that speculation did real work
 
 
+def test_q4_speculation_reproduces_the_q4_target(tmp_path):
+    """A q4 target verifies a tree in one pass; its 4-bit kernel computes each row on its
+    own, so verification gives what decoding gives and greedy speculation stays exact."""
+    target = make_tiny_hf(tmp_path / "target", "qwen2", seed=3)
+    draft = make_tiny_hf(tmp_path / "draft", "qwen2", seed=3, noise=0.03)
+    engine = Engine.load(target, draft=draft, precision="q4", draft_precision="q4", progress=False)
+    assert engine.precision == "q4"
+    accepted = 0
+    for case in CASES[::2]:
+        ar = engine.generate(prompt_for(*case), max_tokens=24, ignore_eos=True, mode="ar").tokens
+        for mode in ("tree", "llmcad"):
+            result = engine.generate(prompt_for(*case), max_tokens=24, ignore_eos=True, mode=mode)
+            assert result.tokens == ar, (mode, case)
+            accepted += result.stats.extra["accepted_per_verification"]
+    assert accepted > 0
+
+
 def test_target_as_its_own_draft_accepts_everything(tiny_llama):
     engine = Engine.load(tiny_llama, draft=tiny_llama, precision="fp32", draft_precision="fp32", progress=False)
     for temperature in (0.0, 1.0):

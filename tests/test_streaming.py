@@ -52,7 +52,7 @@ PLANS = {
 }
 
 
-@pytest.mark.parametrize("precision", ["fp32", "int8"])
+@pytest.mark.parametrize("precision", ["fp32", "int8", "q4"])
 @pytest.mark.parametrize("plan_name", PLANS)
 def test_streamed_equals_resident(tiny_model, tmp_path, precision, plan_name):
     """Logits within 1e-5 and identical greedy tokens, prompt longer than one row chunk."""
@@ -215,7 +215,7 @@ def fixed_runtime(monkeypatch):
     monkeypatch.setattr("llmcad.engine.current_rss", lambda: 300 * MB)
 
 
-@pytest.mark.parametrize("precision", ["fp32", "int8"])
+@pytest.mark.parametrize("precision", ["fp32", "int8", "q4"])
 def test_map_kernels_runs_for_any_config(tiny_llama, precision):
     """The miniature run before measuring the runtime must not trip on settings sized for
     the real model, such as GGUF per-pair rotary factors."""
