@@ -12,9 +12,13 @@ per token, its rate does not change with length.
     python bench/e2e.py                                   # 1300 MB and 2000 MB, code + chat
     python bench/e2e.py --budgets 1300MB --kinds code --limit 2
     python bench/e2e.py --modes ar,tree,llmcad,llmcad/cost,llmcad/fixed,llmcad/nopipe
+    python bench/e2e.py --budgets 1000MB --modes ar@q4,llmcad@q4,llama.cpp
 
 A mode may carry a variant after "/": a fallback policy (llmcad, cost, fixed) or nopipe
-(no drafting during verification).
+(no drafting during verification); and a precision after "@" for both models (int8 when
+absent; speedups are over `ar` in the same precision). `llama.cpp` is llama.cpp's plain
+decoding of the target's GGUF (llama-server, found as bench/llamacpp.py says), in the same
+cgroup, its server started by a standard-library-only wrapper.
 
 Writes bench/results/e2e.json and e2e.png (--out).
 """
@@ -40,15 +44,24 @@ from llmcad.weights import open_checkpoint  # noqa: E402
 from tests.cgroup import cgroup_unavailable  # noqa: E402
 
 MODES = ("ar", "sd", "tree", "llmcad", "llmcad/cost", "llmcad/fixed")
+PEER = "llama.cpp"
+
+
+def parse_mode(spec: str) -> tuple[str, str, str]:
+    """"llmcad/cost@q4" -> ("llmcad", "cost", "q4"); the precision defaults to int8."""
+    rest, _, precision = spec.partition("@")
+    mode, _, variant = rest.partition("/")
+    return mode, variant, precision or "int8"
 
 
 def one_run(args: argparse.Namespace) -> None:
     """In the child process: one generation, printed as JSON (stats, per-step figures)."""
     from llmcad.engine import Engine
 
-    mode, _, variant = args.mode.partition("/")
+    mode, variant, precision = parse_mode(args.mode)
     fallback = variant if variant in FALLBACKS else "llmcad"
-    with Engine.load(args.target, draft=args.draft, memory_budget=args.budget, fallback=fallback, progress=False) as engine:
+    with Engine.load(args.target, draft=args.draft, memory_budget=args.budget, fallback=fallback, precision=precision,
+                     draft_precision=precision, progress=False) as engine:
         ids = engine.chat_prompt([{"role": "user", "content": args.prompt}])
         steps, tokens, final = [], [], None
         pipeline = False if variant == "nopipe" else None
@@ -102,6 +115,19 @@ def run(target: Path, draft: Path, store: Path, mode: str, budget: int, prompt: 
     }
 
 
+def run_peer(target: Path, ids: list[int], budget: int, tokens: int) -> dict:
+    """llama.cpp's plain decoding of `target` in a cgroup of `budget` (its GGUF evicted first)."""
+    evict([target])
+    cmd = [sys.executable, "-S", str(Path(__file__).with_name("llamacpp.py")), "--model", str(target), "--ids", json.dumps(ids),
+           "--tokens", str(tokens), "--context", "4096"]
+    result, peak = run_in_budget(budget, cmd)
+    if result.returncode != 0:
+        return {"error": f"exit {result.returncode}: {result.stderr[-400:]}", "cgroup_peak_mb": peak and peak / MB}
+    out = json.loads(result.stdout)
+    return {"tokens_per_s": (out["new_tokens"] - 1) / out["decode_s"], "tokens_per_verification": 1.0, "bytes_per_verification": 0,
+            "peak_rss_mb": None, "cgroup_peak_mb": peak and peak / MB, "tokens": out["tokens"], "version": out["version"]}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--target", default=DEFAULT_TARGET)
@@ -121,48 +147,62 @@ def main() -> None:
     if args.one:
         return one_run(args)
     target, draft = resolve_model(args.target), resolve_model(args.draft)
-    store = ensure_store(open_checkpoint(target), "int8", progress=True)
-    files = [store.layer_path(i) for i in range(store.config.num_layers)]
+    modes = args.modes.split(",")
+    precisions = {parse_mode(m)[2] for m in modes if m != PEER} or {"int8"}
+    stores = {p: ensure_store(open_checkpoint(target), p, progress=True) for p in sorted(precisions)}
+    tokenizer = next(iter(stores.values())).tokenizer
     results = {"benchmark": "e2e", "machine": machine_info(), "settings": {k: str(v) for k, v in vars(args).items()},
                "cgroup": cgroup_unavailable() or "each run in a memory cgroup of its budget",
-               "peers": {"llama.cpp": "not run: the local build dies with SIGILL on this CPU",
+               "peers": {"llama.cpp": "mode llama.cpp: plain decoding with llama-server (bench/llamacpp.py), same cgroup",
                          "airllm": "not installed", "transformers assisted generation": "not run (no disk-offload setup here)"},
                "runs": []}
     for budget in [parse_size(b) for b in args.budgets.split(",")]:
         for prompt in load_prompts(args.kinds.split(","), args.limit):
-            ar_rate = None
-            for mode in args.modes.split(","):
-                raw = raw_read_gbps(files)
-                row = run(target, draft, store.path, mode, budget, prompt["prompt"], args.ar_tokens if mode == "ar" else args.tokens)
-                row.update(budget_mb=budget / MB, kind=prompt["kind"], prompt_id=prompt["id"], mode=mode, raw_read_gbps=raw)
+            ar_rate, peer_rate = {}, None
+            for mode in modes:
+                name, _, precision = parse_mode(mode)
+                precision = None if mode == PEER else precision
+                store = stores.get(precision) or next(iter(stores.values()))
+                raw = raw_read_gbps([store.layer_path(i) for i in range(store.config.num_layers)])
+                n = args.ar_tokens if name in ("ar", PEER) else args.tokens
+                if mode == PEER:
+                    ids = tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": prompt["prompt"]}]), add_special_tokens=False)
+                    row = run_peer(target, ids, budget, n)
+                else:
+                    row = run(target, draft, store.path, mode, budget, prompt["prompt"], n)
+                row.update(budget_mb=budget / MB, kind=prompt["kind"], prompt_id=prompt["id"], mode=mode, precision=precision, raw_read_gbps=raw)
                 if "error" not in row:
-                    ar_rate = row["tokens_per_s"] if mode == "ar" else ar_rate
-                    row["speedup_vs_ar"] = row["tokens_per_s"] / ar_rate if ar_rate else None
+                    rate = row["tokens_per_s"]
+                    ar_rate[precision] = rate if name == "ar" else ar_rate.get(precision)
+                    peer_rate = rate if mode == PEER else peer_rate
+                    row["speedup_vs_ar"] = rate / ar_rate[precision] if ar_rate.get(precision) and mode != PEER else None
+                    row["speedup_vs_llamacpp"] = rate / peer_rate if peer_rate else None
                     per_token_read_s = row["bytes_per_verification"] / (raw * 1e9) / row["tokens_per_verification"]
-                    row["efficiency"] = row["tokens_per_s"] * per_token_read_s if row["bytes_per_verification"] else None
+                    row["efficiency"] = rate * per_token_read_s if row["bytes_per_verification"] else None
                 results["runs"].append(row)
-                print(json.dumps({k: v for k, v in row.items() if k not in ("tokens", "accepted_over_time")}), flush=True)
+                print(json.dumps({k: v for k, v in row.items() if k not in ("tokens", "accepted_over_time", "timeline")}), flush=True)
                 write_json(args.out, results)
     ok = [r for r in results["runs"] if "error" not in r]
-    modes = args.modes.split(",")
     groups = sorted({(r["budget_mb"], r["kind"], r["mode"]) for r in ok}, key=lambda g: (g[0], g[1], modes.index(g[2])))
     summary = []
     for budget_mb, kind, mode in groups:
         rs = [r for r in ok if (r["budget_mb"], r["kind"], r["mode"]) == (budget_mb, kind, mode)]
         med = lambda key: statistics.median(r[key] for r in rs) if all(r.get(key) is not None for r in rs) else None  # noqa: E731
         summary.append({"budget_mb": budget_mb, "kind": kind, "mode": mode, "runs": len(rs), "tokens_per_s": med("tokens_per_s"),
-                        "speedup_vs_ar": med("speedup_vs_ar"), "tokens_per_verification": med("tokens_per_verification"),
-                        "efficiency": med("efficiency"), "peak_rss_mb": max(r["peak_rss_mb"] for r in rs)})
+                        "speedup_vs_ar": med("speedup_vs_ar"), "speedup_vs_llamacpp": med("speedup_vs_llamacpp"),
+                        "tokens_per_verification": med("tokens_per_verification"), "efficiency": med("efficiency"),
+                        "peak_rss_mb": med("peak_rss_mb"), "cgroup_peak_mb": med("cgroup_peak_mb")})
     results["summary"] = summary
-    speculative = [r for r in ok if r["mode"] != "ar"]
+    results["refused"] = [{k: r[k] for k in ("budget_mb", "kind", "mode", "error")} for r in results["runs"] if "error" in r]
+    same_as_ar = lambda r, a: (a["budget_mb"], a["prompt_id"], a["precision"], parse_mode(a["mode"])[0]) == (r["budget_mb"], r["prompt_id"], r["precision"], "ar")  # noqa: E731
     results["tokens_identical_to_ar_prefix"] = all(
         r["tokens"][: len(a["tokens"])] == a["tokens"]
-        for r in speculative for a in ok if a["mode"] == "ar" and (a["budget_mb"], a["prompt_id"]) == (r["budget_mb"], r["prompt_id"])
+        for r in ok if r["mode"] != PEER and parse_mode(r["mode"])[0] != "ar" for a in ok if same_as_ar(r, a)
     )
     write_json(args.out, results)
-    print(md_table(["budget MB", "kind", "mode", "tok/s", "x ar", "tokens/verification", "efficiency", "peak RSS MB"],
-                   [[round(s["budget_mb"]), s["kind"], s["mode"], s["tokens_per_s"], s["speedup_vs_ar"], s["tokens_per_verification"],
-                     s["efficiency"], s["peak_rss_mb"]] for s in summary]))
+    print(md_table(["budget MB", "kind", "mode", "tok/s", "x ar", "x llama.cpp", "tokens/verification", "efficiency", "peak RSS MB", "cgroup peak MB"],
+                   [[round(s["budget_mb"]), s["kind"], s["mode"], s["tokens_per_s"], s["speedup_vs_ar"], s["speedup_vs_llamacpp"],
+                     s["tokens_per_verification"], s["efficiency"], s["peak_rss_mb"], s["cgroup_peak_mb"]] for s in summary]))
     plot(results, modes, args.out.with_suffix(".png"))
 
 
@@ -182,11 +222,11 @@ def plot(results: dict, modes: list[str], path: Path) -> None:
     a.set(title="decode tokens/s (median)", ylabel="tokens/s")
     a.legend()
     for r in results["runs"]:
-        if r.get("mode") in ("tree", "llmcad") and r.get("accepted_over_time"):  # the default variants
+        if parse_mode(r.get("mode", ""))[:2] in (("tree", ""), ("llmcad", "")) and r.get("accepted_over_time"):  # the default variants
             b.plot(r["accepted_over_time"], label=f"{r['mode']} {round(r['budget_mb'])} MB {r['kind']}", alpha=0.8)
     b.set(title="accepted tokens per verification", xlabel="verification")
     b.legend(fontsize=7)
-    shown = next((r for r in results["runs"] if r.get("mode") == "llmcad" and r.get("timeline")), None)
+    shown = next((r for r in results["runs"] if parse_mode(r.get("mode", ""))[:2] == ("llmcad", "") and r.get("timeline")), None)
     if shown:
         lanes = ["read", "target waits for a read", "target pass", "draft", "draft, in the background"]
         for y, lane in enumerate(lanes):

@@ -36,23 +36,17 @@ Writes bench/results/resident.json (--out) and a .png beside it; prints a markdo
 from __future__ import annotations
 
 import argparse
-import atexit
 import gc
-import json
 import os
-import shutil
-import socket
-import subprocess
 import sys
-import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
 from common import KINDS, RESULTS, load_prompts, machine_info, md_table, median, rss_mb, write_json
+from llamacpp import LlamaServer, find_llamacpp, llama_bench
 from llmcad.engine import Engine
 from llmcad.generate import peak_rss_mb
 from llmcad.hub import DEFAULT_TARGET, resolve_model
@@ -121,95 +115,6 @@ class Clock:
 
     def end(self) -> None:
         pass
-
-
-class LlamaServer:
-    """llama-server on a free local port; /completion with the prompt as token ids."""
-
-    def __init__(self, binary: Path, path: Path, threads: int, context: int):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        self.url = f"http://127.0.0.1:{port}"
-        self.log = tempfile.TemporaryFile()
-        cmd = [binary, "-m", path, "-t", threads, "-c", context, "-np", "1", "--host", "127.0.0.1", "--port", port]
-        self.proc = subprocess.Popen([str(c) for c in cmd], stdout=self.log, stderr=subprocess.STDOUT)
-        atexit.register(self.close)
-        self.version = _version(binary)
-        self.method = (
-            f"{binary} -t {threads}; POST /completion {{prompt: ids, n_predict: N, ignore_eos, temperature 0, top_k 1, "
-            "cache_prompt false}; prefill = timings.prompt_ms, decode = timings.predicted_ms (N-1 forwards after the first token)"
-        )
-        deadline = time.time() + 900
-        while not self._healthy():
-            if self.proc.poll() is not None or time.time() > deadline:
-                self.close()
-                self.log.seek(0)
-                raise RuntimeError(f"llama-server did not start: {self.log.read()[-2000:].decode(errors='replace')}")
-            time.sleep(0.5)
-
-    def _healthy(self) -> bool:
-        try:
-            with urllib.request.urlopen(self.url + "/health", timeout=5) as r:
-                return r.status == 200
-        except OSError:
-            return False
-
-    def run(self, ids: list[int], n: int) -> dict:
-        body = {"prompt": ids, "n_predict": n, "ignore_eos": True, "temperature": 0.0, "top_k": 1, "cache_prompt": False, "return_tokens": True}
-        req = urllib.request.Request(self.url + "/completion", json.dumps(body).encode(), {"Content-Type": "application/json"})
-        with urllib.request.urlopen(req, timeout=3600) as r:
-            out = json.load(r)
-        t = out["timings"]
-        return {
-            "prefill_s": t["prompt_ms"] / 1e3, "decode_s": t["predicted_ms"] / 1e3, "tokens": out.get("tokens") or None,
-            "new_tokens": t["predicted_n"], "prompt_tokens_reported": t["prompt_n"],
-        }  # fmt: skip
-
-    def close(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-
-
-def find_llamacpp() -> tuple[Path | None, str]:
-    """(llama-server or llama-bench binary, "") or (None, why not)."""
-    env = os.environ.get("LLAMACPP_BIN", "")
-    if env and Path(env).is_file():
-        return Path(env), ""
-    peers = Path(os.environ.get("LLMCAD_PEERS", Path.home() / ".cache" / "llmcad-peers")) / "llama.cpp" / "bin"
-    path = os.pathsep.join(p for p in (env, os.environ.get("PATH", ""), str(peers)) if p)
-    for name in ("llama-server", "llama-bench"):
-        if found := shutil.which(name, path=path):
-            return Path(found), ""
-    others = [n for n in ("llama-cli", "llama-simple") if shutil.which(n, path=path)]
-    if others:
-        return None, f"found only {', '.join(others)}: this benchmark drives llama-server or llama-bench"
-    return None, f"no llama-server or llama-bench in $LLAMACPP_BIN, PATH or {peers} (shared/tools/build-llamacpp builds one)"
-
-
-def llama_bench(binary: Path, path: Path, threads: int, prompt_tokens: int, n: int, reps: int = 3) -> dict:
-    """One llama-bench run: pp{prompt_tokens} and tg{n} (generation from an empty context)."""
-    cmd = [binary, "-m", path, "-t", threads, "-p", prompt_tokens, "-n", n, "-r", reps, "-o", "json"]
-    rows = json.loads(subprocess.run([str(c) for c in cmd], capture_output=True, text=True, check=True).stdout)
-    pp = next(r for r in rows if r["n_gen"] == 0)
-    tg = next(r for r in rows if r["n_prompt"] == 0)
-    return {
-        "source": "llama-bench", "version": _version(binary), "prompt_tokens": prompt_tokens,
-        "prefill_s": prompt_tokens / pp["avg_ts"], "decode_tokens_per_s": tg["avg_ts"],
-        "method": f"{' '.join(map(str, cmd))}: tg = n generated tokens / their time (mean of {reps}), empty context; "
-        "not per prompt, so less comparable than the per-prompt engines",
-    }  # fmt: skip
-
-
-def _version(binary: Path) -> str:
-    try:
-        out = subprocess.run([str(binary), "--version"], capture_output=True, text=True, timeout=60)
-        return (out.stdout + out.stderr).strip().splitlines()[-1]
-    except (OSError, subprocess.SubprocessError, IndexError):
-        return "unknown"
 
 
 # ---- the benchmark ----------------------------------------------------------------------------

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 PRECISIONS = ("fp32", "int8", "q4")
-Q4_GROUP = 64  # input columns sharing one 4-bit scale and offset
+Q4_GROUP = 32  # input columns sharing one 4-bit scale and offset (a Q4_K sub-block)
 
 
 def quantize_rows(weight: torch.Tensor, chunk: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
@@ -103,11 +103,22 @@ def tied_head(embedding: nn.Module) -> nn.Module:
 def quantize_q4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Group-wise asymmetric 4-bit: per group of Q4_GROUP columns, codes 0..15 with
     w ~= (code - 8) * scale + offset. Returns the kernel's packed codes (uint8 [N, K/2]) and
-    bf16 scales and offsets [K/Q4_GROUP, N, 2]."""
+    bf16 scales and offsets [K/Q4_GROUP, N, 2].
+
+    A group whose values already lie on an evenly spaced grid of at most 16 levels (a 4-bit
+    GGUF source: Q4_K's sub-blocks are these groups of 32) keeps that grid, so converting
+    such a model loses only the rounding of its scales to bf16; any other group spans its
+    minimum to its maximum."""
     rows, cols = weight.shape
     groups = weight.float().view(rows, cols // Q4_GROUP, Q4_GROUP)
-    low, high = groups.amin(-1), groups.amax(-1)
-    scale = ((high - low) / 15).clamp_(min=1e-8).bfloat16().float()  # codes are chosen for the stored (rounded) values
+    ordered = groups.sort(-1).values
+    low, span = ordered[..., 0], ordered[..., -1] - ordered[..., 0]
+    gaps = ordered.diff(dim=-1)
+    gaps = torch.where(gaps > span[..., None] * 1e-4, gaps, torch.inf)  # equal values are one level
+    step = gaps.amin(-1)
+    multiples = gaps / step[..., None]
+    on_grid = (span <= 15.001 * step) & ((multiples - multiples.round()).abs() < 1e-3).logical_or(gaps.isinf()).all(-1)
+    scale = torch.where(on_grid, step, span / 15).clamp_(min=1e-8).bfloat16().float()  # codes are chosen for the stored values
     offset = (low + 8 * scale).bfloat16().float()
     codes = torch.round((groups - offset[..., None]) / scale[..., None] + 8).clamp_(0, 15).to(torch.int32)
     packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.view(rows, cols), 1)
