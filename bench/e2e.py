@@ -9,7 +9,7 @@ verification), i.e. against a pipeline that only reads the streamed bytes at the
 speed (measured in the same run). `ar` decodes fewer tokens (--ar-tokens): one full pass
 per token, its rate does not change with length.
 
-    python bench/e2e.py                                   # 1300 MB and 2000 MB, code + chat
+    python bench/e2e.py                                   # 1000 MB and 2000 MB, code + chat
     python bench/e2e.py --budgets 1300MB --kinds code --limit 2
     python bench/e2e.py --modes ar,tree,llmcad,llmcad/cost,llmcad/fixed,llmcad/nopipe
     python bench/e2e.py --budgets 1000MB --modes ar@q4,llmcad@q4,llama.cpp
@@ -32,7 +32,7 @@ import sys
 from pathlib import Path
 
 from common import RESULTS, load_prompts, machine_info, md_table, write_json
-from stream import evict, raw_read_gbps, run_in_budget
+from stream import evict, raw_read_gbps, run_in_budget, run_peer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from llmcad.budget import MB, parse_size  # noqa: E402
@@ -43,7 +43,7 @@ from llmcad.store import ensure_store  # noqa: E402
 from llmcad.weights import open_checkpoint  # noqa: E402
 from tests.cgroup import cgroup_unavailable  # noqa: E402
 
-MODES = ("ar", "sd", "tree", "llmcad", "llmcad/cost", "llmcad/fixed")
+MODES = ("llama.cpp", "ar", "tree", "llmcad", "ar@q4", "sd@q4", "tree@q4", "llmcad@q4", "llmcad/cost@q4")
 PEER = "llama.cpp"
 
 
@@ -115,24 +115,23 @@ def run(target: Path, draft: Path, store: Path, mode: str, budget: int, prompt: 
     }
 
 
-def run_peer(target: Path, ids: list[int], budget: int, tokens: int) -> dict:
-    """llama.cpp's plain decoding of `target` in a cgroup of `budget` (its GGUF evicted first)."""
-    evict([target])
-    cmd = [sys.executable, "-S", str(Path(__file__).with_name("llamacpp.py")), "--model", str(target), "--ids", json.dumps(ids),
-           "--tokens", str(tokens), "--context", "4096"]
-    result, peak = run_in_budget(budget, cmd)
-    if result.returncode != 0:
-        return {"error": f"exit {result.returncode}: {result.stderr[-400:]}", "cgroup_peak_mb": peak and peak / MB}
-    out = json.loads(result.stdout)
-    return {"tokens_per_s": (out["new_tokens"] - 1) / out["decode_s"], "tokens_per_verification": 1.0, "bytes_per_verification": 0,
-            "peak_rss_mb": None, "cgroup_peak_mb": peak and peak / MB, "tokens": out["tokens"], "version": out["version"]}
+def add_speedups(runs: list[dict]) -> None:
+    """Each run's rate over `ar` in its precision and over llama.cpp, at the same budget and prompt."""
+    rate = {(r["budget_mb"], r["prompt_id"], r["mode"]): r["tokens_per_s"] for r in runs if "error" not in r}
+    for r in runs:
+        if "error" in r:
+            continue
+        ar = rate.get((r["budget_mb"], r["prompt_id"], "ar" if r["precision"] == "int8" else f"ar@{r['precision']}"))
+        peer = rate.get((r["budget_mb"], r["prompt_id"], PEER))
+        r["speedup_vs_ar"] = r["tokens_per_s"] / ar if ar and r["mode"] != PEER else None
+        r["speedup_vs_llamacpp"] = r["tokens_per_s"] / peer if peer else None
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--target", default=DEFAULT_TARGET)
     p.add_argument("--draft", default=DEFAULT_DRAFT)
-    p.add_argument("--budgets", default="1300MB,2000MB")
+    p.add_argument("--budgets", default="1000MB,2000MB")
     p.add_argument("--kinds", default="code,chat")
     p.add_argument("--limit", type=int, default=1, help="prompts per kind (default %(default)s)")
     p.add_argument("--tokens", type=int, default=128)
@@ -158,7 +157,6 @@ def main() -> None:
                "runs": []}
     for budget in [parse_size(b) for b in args.budgets.split(",")]:
         for prompt in load_prompts(args.kinds.split(","), args.limit):
-            ar_rate, peer_rate = {}, None
             for mode in modes:
                 name, _, precision = parse_mode(mode)
                 precision = None if mode == PEER else precision
@@ -172,16 +170,12 @@ def main() -> None:
                     row = run(target, draft, store.path, mode, budget, prompt["prompt"], n)
                 row.update(budget_mb=budget / MB, kind=prompt["kind"], prompt_id=prompt["id"], mode=mode, precision=precision, raw_read_gbps=raw)
                 if "error" not in row:
-                    rate = row["tokens_per_s"]
-                    ar_rate[precision] = rate if name == "ar" else ar_rate.get(precision)
-                    peer_rate = rate if mode == PEER else peer_rate
-                    row["speedup_vs_ar"] = rate / ar_rate[precision] if ar_rate.get(precision) and mode != PEER else None
-                    row["speedup_vs_llamacpp"] = rate / peer_rate if peer_rate else None
                     per_token_read_s = row["bytes_per_verification"] / (raw * 1e9) / row["tokens_per_verification"]
-                    row["efficiency"] = rate * per_token_read_s if row["bytes_per_verification"] else None
+                    row["efficiency"] = row["tokens_per_s"] * per_token_read_s if row["bytes_per_verification"] else None
                 results["runs"].append(row)
                 print(json.dumps({k: v for k, v in row.items() if k not in ("tokens", "accepted_over_time", "timeline")}), flush=True)
                 write_json(args.out, results)
+    add_speedups(results["runs"])
     ok = [r for r in results["runs"] if "error" not in r]
     groups = sorted({(r["budget_mb"], r["kind"], r["mode"]) for r in ok}, key=lambda g: (g[0], g[1], modes.index(g[2])))
     summary = []

@@ -8,10 +8,11 @@ bytes streamed per pass, seconds per pass (decode), achieved read bandwidth (byt
 reader time), the raw sequential read bandwidth of the same files measured just before
 (page cache dropped), pure compute seconds per pass (the same tokens fully resident, one
 compute thread as when streaming), the share of compute hidden under IO, and the ratio of
-seconds per pass to max(pure read, pure compute).
+seconds per pass to max(pure read, pure compute). Beside them, llama.cpp's plain decoding of
+the same GGUF in cgroups of --llamacpp-budgets (tokens/s).
 
     python bench/stream.py                       # int8, 16 new tokens per budget
-    python bench/stream.py --precisions int8,fp32 --tokens 8
+    python bench/stream.py --precisions int8,q4,fp32 --tokens 8
 
 Writes bench/results/stream.json and stream.png (--out).
 """
@@ -31,7 +32,7 @@ import torch
 from common import RESULTS, machine_info, md_table, write_json
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from llmcad.budget import MB  # noqa: E402
+from llmcad.budget import MB, parse_size  # noqa: E402
 from llmcad.engine import Engine  # noqa: E402
 from llmcad.hub import DEFAULT_TARGET, resolve_model  # noqa: E402
 from llmcad.store import ensure_store  # noqa: E402
@@ -86,6 +87,21 @@ def run_in_budget(budget: int, cmd: list[str]) -> tuple[subprocess.CompletedProc
     return subprocess.run(cmd, capture_output=True, text=True, env=env), None
 
 
+def run_peer(target: Path, ids: list[int], budget: int, tokens: int) -> dict:
+    """llama.cpp's plain decoding of the GGUF `target` in a memory cgroup of `budget` (the file
+    evicted from the page cache first): llama-server started by bench/llamacpp.py, which
+    imports only the standard library (python -S), so the wrapper adds little memory."""
+    evict([target])
+    cmd = [sys.executable, "-S", str(Path(__file__).with_name("llamacpp.py")), "--model", str(target), "--ids", json.dumps(ids),
+           "--tokens", str(tokens), "--context", "4096"]
+    result, peak = run_in_budget(budget, cmd)
+    if result.returncode != 0:
+        return {"error": f"exit {result.returncode}: {result.stderr[-400:]}", "cgroup_peak_mb": peak and peak / MB}
+    out = json.loads(result.stdout)
+    return {"tokens_per_s": (out["new_tokens"] - 1) / out["decode_s"], "tokens_per_verification": 1.0, "bytes_per_verification": 0,
+            "peak_rss_mb": None, "cgroup_peak_mb": peak and peak / MB, "tokens": out["tokens"], "version": out["version"]}
+
+
 def run_budget(target: Path, precision: str, budget: int, tokens: int, store: Path) -> dict:
     evict(store.iterdir())
     cmd = [sys.executable, "-m", "llmcad.cli", "generate", "--target", str(target), "--precision", precision,
@@ -118,14 +134,20 @@ def main() -> None:
     p.add_argument("--target", default=DEFAULT_TARGET)
     p.add_argument("--precisions", default="int8")
     p.add_argument("--tokens", type=int, default=16, help="new tokens per run (default %(default)s)")
+    p.add_argument("--llamacpp-budgets", default="1000MB,2000MB,8000MB", help="llama.cpp's plain decoding at these budgets ('' skips it)")
     p.add_argument("--out", type=Path, default=RESULTS / "stream.json")
     args = p.parse_args()
     target = resolve_model(args.target)
     results = {"benchmark": "stream", "machine": machine_info(), "settings": vars(args) | {"target": str(target), "out": str(args.out)},
                "cgroup": cgroup_unavailable() or "each run in a memory cgroup of its budget",
-               "peers": {"llama.cpp": "not run: the local build dies with SIGILL on this CPU (see issue 2's note)",
+               "peers": {"llama.cpp": "plain decoding with llama-server (bench/llamacpp.py) in a cgroup of each --llamacpp-budgets",
                          "airllm": "not installed (no model hub here to fetch its format)"},
-               "runs": []}
+               "runs": [], "llamacpp": []}
+    ids = open_checkpoint(target).tokenizer.encode(PROMPT)
+    for budget in [parse_size(b) for b in args.llamacpp_budgets.split(",") if b]:
+        row = run_peer(target, ids, budget, args.tokens) | {"budget_mb": budget / MB}
+        results["llamacpp"].append(row)
+        print(json.dumps({k: v for k, v in row.items() if k != "tokens"}), flush=True)
     for precision in args.precisions.split(","):
         store = ensure_store(open_checkpoint(target), precision, progress=True)
         compute, full = pure_compute_s_per_pass(target, precision, args.tokens)
@@ -159,6 +181,8 @@ def main() -> None:
           r.get("achieved_read_gbps"), r["raw_read_gbps"], r["pure_compute_s_per_pass"], r.get("vs_max_read_compute"), r.get("hidden_compute_share")]
          for r in results["runs"]],
     ))
+    print(md_table(["llama.cpp, budget MB", "tok/s", "cgroup peak MB"],
+                   [[round(r["budget_mb"]), r.get("tokens_per_s", r.get("error")), r.get("cgroup_peak_mb")] for r in results["llamacpp"]]))
     plot(results, args.out.with_suffix(".png"))
 
 
@@ -177,6 +201,9 @@ def plot(results: dict, path: Path) -> None:
         a.plot(x, [max(r["pure_read_s_per_pass"], r["pure_compute_s_per_pass"]) for r in rs], linestyle="--", label=f"{precision}: max(pure read, pure compute)")
         b.plot(x, [r["achieved_read_gbps"] or 0 for r in rs], marker="o", label=f"{precision}: achieved")
         b.plot(x, [r["raw_read_gbps"] for r in rs], linestyle="--", label=f"{precision}: raw sequential")
+    peers = [r for r in results.get("llamacpp", []) if "error" not in r]
+    if peers:
+        a.plot([r["budget_mb"] for r in peers], [1 / r["tokens_per_s"] for r in peers], marker="s", linestyle=":", label="llama.cpp: s/token")
     a.set(title="seconds per target pass", xlabel="memory budget (MB)")
     b.set(title="read bandwidth (GB/s)", xlabel="memory budget (MB)")
     a.legend()

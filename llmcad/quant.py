@@ -15,11 +15,11 @@ per-pass packing (fbgemm's prepacking costs 114 ms for the same matrix).
 The token embedding keeps the same int8 rows and scales and dequantizes only the rows a
 step looks up.
 
-q4 halves the bytes of every transformer layer again, for a target streamed from storage
-(fewer bytes per pass) or a draft that must fit beside it. Each linear weight is 4-bit
-with an fp32-derived bf16 scale and offset per group of `Q4_GROUP` input columns, in the
-packed layout of PyTorch's own CPU kernel (`_weight_int4pack_mm_for_cpu`), prepared when
-the model is converted, so a layer read from storage is used as read. That kernel takes
+q4 cuts a transformer layer to 62% of int8's bytes (5 bits a weight), for a target streamed
+from storage (fewer bytes per pass) or a draft that must fit beside it. Each linear weight
+is 4-bit with a bf16 scale and offset per group of `Q4_GROUP` input columns, in the packed
+layout of PyTorch's own CPU kernel (`_weight_int4pack_mm_for_cpu`), prepared when the model
+is converted, so a layer read from storage is used as read. That kernel takes
 bf16 activations and gives bf16 outputs (rounded back to fp32 here); its rows are
 independent too (checked in the tests: same bits at any row count and thread count), so
 q4 speculation is as exact as int8. It is as fast as int8 at one to four rows and about
@@ -115,9 +115,9 @@ def quantize_q4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     low, span = ordered[..., 0], ordered[..., -1] - ordered[..., 0]
     gaps = ordered.diff(dim=-1)
     gaps = torch.where(gaps > span[..., None] * 1e-4, gaps, torch.inf)  # equal values are one level
-    step = gaps.amin(-1)
+    step = gaps.amin(-1)  # inf for a constant group: one level, spanned like any other
     multiples = gaps / step[..., None]
-    on_grid = (span <= 15.001 * step) & ((multiples - multiples.round()).abs() < 1e-3).logical_or(gaps.isinf()).all(-1)
+    on_grid = step.isfinite() & (span <= 15.001 * step) & ((multiples - multiples.round()).abs() < 1e-3).logical_or(gaps.isinf()).all(-1)
     scale = torch.where(on_grid, step, span / 15).clamp_(min=1e-8).bfloat16().float()  # codes are chosen for the stored values
     offset = (low + 8 * scale).bfloat16().float()
     codes = torch.round((groups - offset[..., None]) / scale[..., None] + 8).clamp_(0, 15).to(torch.int32)

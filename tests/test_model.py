@@ -183,6 +183,13 @@ def test_q4_linear_is_near_fp32_and_falls_back_to_int8_where_the_kernel_cannot()
     on_grid = (codes.view(256, -1, Q4_GROUP) * steps[..., None] + lows[..., None]).view(256, 512)
     ref = torch.nn.functional.linear(x, on_grid)
     assert ((linear_from(linear_tensors(on_grid, None, "q4"))(x) - ref).norm() / ref.norm()).item() < 0.006  # min-max: 0.03
+    # constant groups (a zero block, one repeated value) are one level, reproduced exactly
+    on_grid[:, :Q4_GROUP] = 0.0
+    on_grid[:3, Q4_GROUP : 2 * Q4_GROUP] = 0.25
+    dequantized = linear_from(linear_tensors(on_grid, None, "q4"))(torch.eye(512)).t()
+    assert dequantized.isfinite().all()
+    assert torch.equal(dequantized[:, :Q4_GROUP], torch.zeros(256, Q4_GROUP))
+    assert torch.equal(dequantized[:3, Q4_GROUP : 2 * Q4_GROUP], torch.full((3, Q4_GROUP), 0.25))
     # rows not in 16s or columns not in whole groups: int8 instead
     assert isinstance(linear_from(linear_tensors(torch.randn(40, 512), None, "q4")), Int8Linear)
     assert isinstance(linear_from(linear_tensors(torch.randn(64, 100), None, "q4")), Int8Linear)
