@@ -61,7 +61,7 @@ def one_run(args: argparse.Namespace) -> None:
     mode, variant, precision = parse_mode(args.mode)
     fallback = variant if variant in FALLBACKS else "llmcad"
     with Engine.load(args.target, draft=args.draft, memory_budget=args.budget, fallback=fallback, precision=precision,
-                     draft_precision=precision, progress=False) as engine:
+                     draft_precision=precision, max_context=args.max_context, progress=False) as engine:
         ids = engine.chat_prompt([{"role": "user", "content": args.prompt}])
         steps, tokens, final = [], [], None
         pipeline = False if variant == "nopipe" else None
@@ -88,10 +88,10 @@ def one_verification(spans: list[tuple[str, float, float]]) -> list[tuple[str, f
     return [(lane, round(max(a, start) - start, 4), round(min(b, end) - start, 4)) for lane, a, b in spans if b > start and a < end]
 
 
-def run(target: Path, draft: Path, store: Path, mode: str, budget: int, prompt: str, tokens: int) -> dict:
+def run(target: Path, draft: Path, store: Path, mode: str, budget: int, prompt: str, tokens: int, context: int) -> dict:
     evict(store.iterdir())
     cmd = [sys.executable, __file__, "--one", "--mode", mode, "--budget", str(budget), "--tokens", str(tokens),
-           "--target", str(target), "--draft", str(draft), "--prompt", prompt]
+           "--target", str(target), "--draft", str(draft), "--prompt", prompt, "--max-context", str(context)]
     result, peak = run_in_budget(budget, cmd)
     if result.returncode != 0:
         return {"error": f"exit {result.returncode}: {result.stderr[-400:]}", "cgroup_peak_mb": peak and peak / MB}
@@ -136,6 +136,7 @@ def main() -> None:
     p.add_argument("--limit", type=int, default=1, help="prompts per kind (default %(default)s)")
     p.add_argument("--tokens", type=int, default=128)
     p.add_argument("--ar-tokens", type=int, default=32)
+    p.add_argument("--max-context", type=int, default=2048, help="context window of every run, peers too (default %(default)s)")
     p.add_argument("--modes", default=",".join(MODES))
     p.add_argument("--out", type=Path, default=RESULTS / "e2e.json")
     p.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
@@ -165,9 +166,9 @@ def main() -> None:
                 n = args.ar_tokens if name in ("ar", PEER) else args.tokens
                 if mode == PEER:
                     ids = tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": prompt["prompt"]}]), add_special_tokens=False)
-                    row = run_peer(target, ids, budget, n)
+                    row = run_peer(target, ids, budget, n, args.max_context)
                 else:
-                    row = run(target, draft, store.path, mode, budget, prompt["prompt"], n)
+                    row = run(target, draft, store.path, mode, budget, prompt["prompt"], n, args.max_context)
                 row.update(budget_mb=budget / MB, kind=prompt["kind"], prompt_id=prompt["id"], mode=mode, precision=precision, raw_read_gbps=raw)
                 if "error" not in row:
                     per_token_read_s = row["bytes_per_verification"] / (raw * 1e9) / row["tokens_per_verification"]

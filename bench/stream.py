@@ -87,13 +87,13 @@ def run_in_budget(budget: int, cmd: list[str]) -> tuple[subprocess.CompletedProc
     return subprocess.run(cmd, capture_output=True, text=True, env=env), None
 
 
-def run_peer(target: Path, ids: list[int], budget: int, tokens: int) -> dict:
+def run_peer(target: Path, ids: list[int], budget: int, tokens: int, context: int = 2048) -> dict:
     """llama.cpp's plain decoding of the GGUF `target` in a memory cgroup of `budget` (the file
     evicted from the page cache first): llama-server started by bench/llamacpp.py, which
     imports only the standard library (python -S), so the wrapper adds little memory."""
     evict([target])
     cmd = [sys.executable, "-S", str(Path(__file__).with_name("llamacpp.py")), "--model", str(target), "--ids", json.dumps(ids),
-           "--tokens", str(tokens), "--context", "4096"]
+           "--tokens", str(tokens), "--context", str(context)]
     result, peak = run_in_budget(budget, cmd)
     if result.returncode != 0:
         return {"error": f"exit {result.returncode}: {result.stderr[-400:]}", "cgroup_peak_mb": peak and peak / MB}

@@ -148,8 +148,7 @@ def plan_memory(
             f"memory budget {budget / MB:.0f} MB is below the minimum of {streaming.total / MB:.0f} MB for "
             f"{config.num_layers} layers of {layer_bytes / MB:.1f} MB streamed through 2 buffers (runtime "
             f"{runtime / MB:.0f} MB, draft {draft / MB:.0f} MB, KV caches {kv_cache / MB:.0f} MB, activations and "
-            f"headroom {(activations + HEADROOM) / MB:.0f} MB); raise the budget, lower --max-context, or store the "
-            f"models in 4 bits (--precision q4, --draft-precision q4)"
+            f"headroom {(activations + HEADROOM) / MB:.0f} MB); raise the budget or lower --max-context"
         )
     spare = budget - streaming.total
     head_resident = head_bytes <= spare

@@ -95,9 +95,11 @@ class ModelConfig:
         )
 
     def rope_inv_freq(self) -> torch.Tensor:
-        """Per-pair rotary frequencies, with llama3-style scaling when the config asks for it."""
+        """Per-pair rotary frequencies, with llama3-style scaling when the config asks for it.
+        Always on the CPU: a model built on the meta device gets real frequencies (and meta
+        math would import 800 modules, 72 MB, the first time)."""
         dim = self.head_dim
-        inv_freq = 1.0 / (self.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
+        inv_freq = 1.0 / (self.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float64, device="cpu") / dim))
         scaling = self.rope_scaling
         if scaling is None:
             return inv_freq.float()
@@ -105,7 +107,7 @@ class ModelConfig:
         if kind == "linear":
             return (inv_freq / scaling["factor"]).float()
         if kind == "freq_factors":  # GGUF rope_freqs.weight: llama.cpp's precomputed divisors
-            return (inv_freq / torch.tensor(scaling["factors"], dtype=torch.float64)).float()
+            return (inv_freq / torch.tensor(scaling["factors"], dtype=torch.float64, device="cpu")).float()
         # llama3: keep high frequencies, divide low ones by `factor`, blend in between.
         factor = scaling["factor"]
         low, high = scaling.get("low_freq_factor", 1.0), scaling.get("high_freq_factor", 4.0)

@@ -163,9 +163,10 @@ class Engine:
                     + (slots * config.vocab_size * 2 if draft_state else 0),  # a sampled tree's draft distributions (fp16)
                 )
                 break
-            except LlmcadError:
+            except LlmcadError as e:
                 if (context, slots) == choices[-1]:
-                    raise
+                    smallest = store.precision == "q4" and (draft is None or draft_precision == "q4")
+                    raise LlmcadError(str(e) + ("" if smallest else ", or store the models in 4 bits (--precision q4 --draft-precision q4)")) from None
         if draft_state is not None:
             draft_state.cache = KVCache(draft_state.model.config, context + 2 * slots)
         model = StreamedTransformer(store, plan, drop_page_cache=not keep_page_cache)

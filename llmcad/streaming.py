@@ -322,7 +322,6 @@ class StreamedTransformer(Transformer):
         config = store.config
         with torch.device("meta"):
             super().__init__(config)
-        self.inv_freq = config.rope_inv_freq()
         self.norm.weight = nn.Parameter(store.norm(), requires_grad=False)
         self.io = IOStats()
         self.plan = plan

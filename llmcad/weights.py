@@ -117,7 +117,6 @@ def load_model(ckpt: Checkpoint, precision: str = "fp32", progress: bool = False
     config = ckpt.config
     with torch.device("meta"):
         model = Transformer(config)
-    model.inv_freq = config.rope_inv_freq()
     matrices = ["embed_tokens.weight"] + ([] if config.tie_word_embeddings else ["lm_head.weight"])
     if embedding_on_demand and not config.tie_word_embeddings:
         model.embed_tokens = CheckpointEmbedding(ckpt)

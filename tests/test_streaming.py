@@ -224,8 +224,12 @@ def test_map_kernels_runs_for_any_config(tiny_llama, precision):
 
 
 def test_engine_refuses_a_budget_below_its_minimum(tiny_llama):
-    with pytest.raises(LlmcadError, match="memory budget 50 MB is below the minimum"):
+    """The refusal states the minimum, and names q4 only when that would shrink something."""
+    with pytest.raises(LlmcadError, match="memory budget 50 MB is below the minimum.*--precision q4") as int8:
         Engine.load(tiny_llama, memory_budget="50MB", progress=False)
+    with pytest.raises(LlmcadError, match="memory budget 50 MB is below the minimum") as q4:
+        Engine.load(tiny_llama, memory_budget="50MB", precision="q4", progress=False)
+    assert "q4" in str(int8.value) and "q4" not in str(q4.value)
 
 
 def test_streamed_engine_serializes_concurrent_generations(tiny_llama, fixed_runtime):
