@@ -74,7 +74,8 @@ def one_run(args: argparse.Namespace) -> None:
         plan = engine.plan
         spans = TIMELINE.stop()
         print(json.dumps({"stats": final.to_dict(), "steps": steps, "tokens": tokens, "timeline": one_verification(spans),
-                          "plan": {"resident_layers": len(plan.resident_layers), "bytes_per_pass": plan.bytes_per_pass}}))
+                          "plan": {"resident_layers": len(plan.resident_layers), "bytes_per_pass": plan.bytes_per_pass,
+                                   "max_context": engine.max_context}}))
 
 
 def one_verification(spans: list[tuple[str, float, float]]) -> list[tuple[str, float, float]]:
@@ -88,10 +89,10 @@ def one_verification(spans: list[tuple[str, float, float]]) -> list[tuple[str, f
     return [(lane, round(max(a, start) - start, 4), round(min(b, end) - start, 4)) for lane, a, b in spans if b > start and a < end]
 
 
-def run(target: Path, draft: Path, store: Path, mode: str, budget: int, prompt: str, tokens: int, context: int) -> dict:
+def run(target: Path, draft: Path, store: Path, mode: str, budget: int, prompt: str, tokens: int, context: int | None) -> dict:
     evict(store.iterdir())
     cmd = [sys.executable, __file__, "--one", "--mode", mode, "--budget", str(budget), "--tokens", str(tokens),
-           "--target", str(target), "--draft", str(draft), "--prompt", prompt, "--max-context", str(context)]
+           "--target", str(target), "--draft", str(draft), "--prompt", prompt] + (["--max-context", str(context)] if context else [])
     result, peak = run_in_budget(budget, cmd)
     if result.returncode != 0:
         return {"error": f"exit {result.returncode}: {result.stderr[-400:]}", "cgroup_peak_mb": peak and peak / MB}
@@ -112,6 +113,8 @@ def run(target: Path, draft: Path, store: Path, mode: str, budget: int, prompt: 
         "accepted_over_time": [step["accepted"] for step in out["steps"]],
         "timeline": out["timeline"],
         "tokens": out["tokens"],
+        "resident_layers": out["plan"]["resident_layers"],
+        "max_context": out["plan"]["max_context"],
     }
 
 
@@ -136,7 +139,7 @@ def main() -> None:
     p.add_argument("--limit", type=int, default=1, help="prompts per kind (default %(default)s)")
     p.add_argument("--tokens", type=int, default=128)
     p.add_argument("--ar-tokens", type=int, default=32)
-    p.add_argument("--max-context", type=int, default=2048, help="context window of every run, peers too (default %(default)s)")
+    p.add_argument("--max-context", type=int, default=None, help="llmcad's context window (default: the largest the budget allows); llama.cpp's is 2048")
     p.add_argument("--modes", default=",".join(MODES))
     p.add_argument("--out", type=Path, default=RESULTS / "e2e.json")
     p.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
@@ -166,7 +169,7 @@ def main() -> None:
                 n = args.ar_tokens if name in ("ar", PEER) else args.tokens
                 if mode == PEER:
                     ids = tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": prompt["prompt"]}]), add_special_tokens=False)
-                    row = run_peer(target, ids, budget, n, args.max_context)
+                    row = run_peer(target, ids, budget, n)
                 else:
                     row = run(target, draft, store.path, mode, budget, prompt["prompt"], n, args.max_context)
                 row.update(budget_mb=budget / MB, kind=prompt["kind"], prompt_id=prompt["id"], mode=mode, precision=precision, raw_read_gbps=raw)

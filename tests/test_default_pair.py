@@ -43,14 +43,14 @@ def test_speculation_reproduces_the_target(engine, prompt):
 
 @pytest.mark.slow
 def test_q4_pair_runs_llmcad_within_1000_mb():
-    """The tight budget of a small device: the q4 pair (target streamed, draft resident,
-    context 2048) in a 1000 MB memory cgroup (where one can be made), mode llmcad, gives the q4 target's own
+    """The tight budget of a small device: the q4 pair (target streamed, draft resident) in
+    a 1000 MB memory cgroup (where one can be made), mode llmcad, gives the q4 target's own
     greedy tokens (computed fully resident in this process) and stays under the budget."""
     prompt = "def merge_sorted(a, b):"
     with Engine.load(DEFAULT_TARGET, precision="q4", progress=False) as target:
         expected = target.generate(prompt, max_tokens=24, ignore_eos=True).tokens
     cmd = [sys.executable, "-m", "llmcad.cli", "generate", "--target", DEFAULT_TARGET, "--draft", DEFAULT_DRAFT,
-           "--precision", "q4", "--draft-precision", "q4", "--memory-budget", "1000MB", "--max-context", "2048", "--mode", "llmcad",
+           "--precision", "q4", "--draft-precision", "q4", "--memory-budget", "1000MB", "--mode", "llmcad",
            "--max-tokens", "24", "--ignore-eos", "--json", prompt]
     if cgroup_unavailable() is None:
         result, peak = run_limited(1000 * MB, cmd, capture_output=True, text=True, timeout=900)
