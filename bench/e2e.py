@@ -6,8 +6,9 @@ Per run: decode tokens/s, speedup over `ar` at the same budget and prompt, token
 verification (accepted + the target's own), bytes streamed per verification, and
 efficiency = tokens/s / (tokens per verification x raw read bandwidth / bytes per
 verification), i.e. against a pipeline that only reads the streamed bytes at the disk's raw
-speed (measured in the same run). `ar` decodes fewer tokens (--ar-tokens): one full pass
-per token, its rate does not change with length.
+speed (measured in the same run). `ar` is the target alone (no draft loaded, so the whole
+budget is its own: more resident layers) and decodes fewer tokens (--ar-tokens): one full
+pass per token, its rate does not change with length.
 
     python bench/e2e.py                                   # 1000 MB and 2000 MB, code + chat
     python bench/e2e.py --budgets 1300MB --kinds code --limit 2
@@ -60,7 +61,8 @@ def one_run(args: argparse.Namespace) -> None:
 
     mode, variant, precision = parse_mode(args.mode)
     fallback = variant if variant in FALLBACKS else "llmcad"
-    with Engine.load(args.target, draft=args.draft, memory_budget=args.budget, fallback=fallback, precision=precision,
+    draft = None if mode == "ar" else args.draft  # the baseline is the target alone, with the whole budget
+    with Engine.load(args.target, draft=draft, memory_budget=args.budget, fallback=fallback, precision=precision,
                      draft_precision=precision, max_context=args.max_context, progress=False) as engine:
         ids = engine.chat_prompt([{"role": "user", "content": args.prompt}])
         steps, tokens, final = [], [], None
