@@ -4,7 +4,9 @@ approach of ../shared/tools/memlimit: page cache counts against the limit)."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
+import sys
 import uuid
 from pathlib import Path
 
@@ -53,3 +55,14 @@ def run_limited(limit_bytes: int, cmd: list[str], **kwargs) -> tuple[subprocess.
         return result, int(peak_file.read_text())
     finally:
         group.rmdir()
+
+
+def minimum_budget(model_options: list[str]) -> int:
+    """The smallest budget in bytes that `llmcad generate` accepts with `model_options`, read
+    from its refusal of a tiny one (the runtime part is measured, so it varies by machine)."""
+    cmd = [sys.executable, "-m", "llmcad.cli", "generate", *model_options, "--memory-budget", "50MB", "x"]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert result.returncode != 0, "a 50 MB budget was accepted"
+    found = re.search(r"below the minimum of (\d+) MB", result.stderr)
+    assert found, result.stderr
+    return int(found.group(1)) << 20

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import subprocess
 import sys
 import threading
@@ -26,7 +25,7 @@ from llmcad.store import LayerStore, convert, ensure_store
 from llmcad.streaming import BLOCK, StreamedTransformer, Unit, aligned_buffer, can_read_directly, read_unit
 from llmcad.timeline import TIMELINE
 from llmcad.weights import load_model, open_checkpoint
-from tests.cgroup import cgroup_unavailable, run_limited
+from tests.cgroup import cgroup_unavailable, minimum_budget, run_limited
 
 
 def plan_for(store: LayerStore, resident_layers: tuple[int, ...], head_resident: bool, embed_resident: bool = False) -> MemoryPlan:
@@ -285,16 +284,6 @@ def _evict(folder: Path) -> None:
         os.close(fd)
 
 
-def _minimum_budget(model: Path) -> int:
-    """The smallest budget the CLI accepts for `model`, read from its refusal of a tiny one."""
-    cmd = [sys.executable, "-m", "llmcad.cli", "generate", "--target", str(model), "--memory-budget", "50MB", "x"]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert result.returncode != 0, "a 50 MB budget was accepted"
-    found = re.search(r"below the minimum of (\d+) MB", result.stderr)
-    assert found, result.stderr
-    return int(found.group(1)) * MB
-
-
 @pytest.mark.slow
 @pytest.mark.skipif(cgroup_unavailable() is not None, reason=str(cgroup_unavailable()))
 def test_budget_holds_in_a_memory_cgroup(smollm2, tmp_path):
@@ -304,7 +293,7 @@ def test_budget_holds_in_a_memory_cgroup(smollm2, tmp_path):
     The budget is 10 MB above the minimum the CLI states, so the plan is tested where it is
     tightest. The runtime part of that minimum is measured, and varies: 231 MB here, 338 MB
     in a fresh virtual environment, whose libraries' pages the kernels map more of."""
-    budget = _minimum_budget(smollm2) + 10 * MB
+    budget = minimum_budget(["--target", str(smollm2)]) + 10 * MB
     store = ensure_store(open_checkpoint(smollm2), "int8")
     with Engine.load(smollm2, progress=False) as engine:
         expected = engine.generate("def fibonacci(n):", max_tokens=16, ignore_eos=True).tokens
