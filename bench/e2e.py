@@ -95,10 +95,9 @@ def run(target: Path, draft: Path, store: Path, mode: str, budget: int, prompt: 
     evict(store.iterdir())
     cmd = [sys.executable, __file__, "--one", "--mode", mode, "--budget", str(budget), "--tokens", str(tokens),
            "--target", str(target), "--draft", str(draft), "--prompt", prompt] + (["--max-context", str(context)] if context else [])
-    result, peak = run_in_budget(budget, cmd)
-    if result.returncode != 0:
-        return {"error": f"exit {result.returncode}: {result.stderr[-400:]}", "cgroup_peak_mb": peak and peak / MB}
-    out = json.loads(result.stdout)
+    out, facts = run_in_budget(budget, cmd)
+    if out is None:
+        return facts
     s = out["stats"]
     return {
         "tokens_per_s": s["decode_tokens_per_s"],
@@ -111,7 +110,7 @@ def run(target: Path, draft: Path, store: Path, mode: str, budget: int, prompt: 
         "bytes_per_verification": s["bytes_read"] / max(1, s["target_passes"]),
         "io_wait_s": s["io_wait_s"],
         "peak_rss_mb": s["peak_rss_mb"],
-        "cgroup_peak_mb": peak and peak / MB,
+        **facts,
         "accepted_over_time": [step["accepted"] for step in out["steps"]],
         "timeline": out["timeline"],
         "tokens": out["tokens"],

@@ -78,13 +78,19 @@ def pure_compute_s_per_pass(target: Path, precision: str, tokens: int) -> tuple[
         torch.set_num_threads(threads)
 
 
-def run_in_budget(budget: int, cmd: list[str]) -> tuple[subprocess.CompletedProcess, int | None]:
+def run_in_budget(budget: int, cmd: list[str]) -> tuple[dict | None, dict]:
     """Run `cmd` (with this repository importable) in a memory cgroup of `budget` bytes where
-    the machine allows one, else plainly; returns the result and the cgroup's peak bytes."""
+    the machine allows one, else plainly. Returns its stdout parsed as JSON (None if it
+    failed) and {"cgroup_peak_mb", plus "error" if it failed}."""
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     if cgroup_unavailable() is None:
-        return run_limited(budget, cmd, capture_output=True, text=True, env=env)
-    return subprocess.run(cmd, capture_output=True, text=True, env=env), None
+        result, peak = run_limited(budget, cmd, capture_output=True, text=True, env=env)
+    else:
+        result, peak = subprocess.run(cmd, capture_output=True, text=True, env=env), None
+    facts = {"cgroup_peak_mb": peak and peak / MB}
+    if result.returncode != 0:
+        return None, facts | {"error": f"exit {result.returncode}: {result.stderr[-500:]}"}
+    return json.loads(result.stdout), facts
 
 
 def run_peer(target: Path, ids: list[int], budget: int, tokens: int, context: int = 2048) -> dict:
@@ -94,27 +100,25 @@ def run_peer(target: Path, ids: list[int], budget: int, tokens: int, context: in
     evict([target])
     cmd = [sys.executable, "-S", str(Path(__file__).with_name("llamacpp.py")), "--model", str(target), "--ids", json.dumps(ids),
            "--tokens", str(tokens), "--context", str(context)]
-    result, peak = run_in_budget(budget, cmd)
-    if result.returncode != 0:
-        return {"error": f"exit {result.returncode}: {result.stderr[-400:]}", "cgroup_peak_mb": peak and peak / MB}
-    out = json.loads(result.stdout)
-    return {"tokens_per_s": (out["new_tokens"] - 1) / out["decode_s"], "tokens_per_verification": 1.0, "bytes_per_verification": 0,
-            "peak_rss_mb": None, "cgroup_peak_mb": peak and peak / MB, "tokens": out["tokens"], "version": out["version"]}
+    out, facts = run_in_budget(budget, cmd)
+    if out is None:
+        return facts
+    return facts | {"tokens_per_s": (out["new_tokens"] - 1) / out["decode_s"], "tokens_per_verification": 1.0, "bytes_per_verification": 0,
+                    "peak_rss_mb": None, "tokens": out["tokens"], "version": out["version"]}
 
 
 def run_budget(target: Path, precision: str, budget: int, tokens: int, store: Path) -> dict:
     evict(store.iterdir())
     cmd = [sys.executable, "-m", "llmcad.cli", "generate", "--target", str(target), "--precision", precision,
            "--memory-budget", str(budget), "--max-context", "2048", "--max-tokens", str(tokens), "--ignore-eos", "--json", PROMPT]
-    result, peak = run_in_budget(budget, cmd)
-    if result.returncode != 0:
-        return {"budget_mb": budget / MB, "error": f"exit {result.returncode}: {result.stderr[-500:]}", "cgroup_peak_mb": peak and peak / MB}
-    out = json.loads(result.stdout)
+    out, facts = run_in_budget(budget, cmd)
+    if out is None:
+        return {"budget_mb": budget / MB} | facts
     s, plan = out["stats"], out["memory_plan"]
     decode_passes = s["new_tokens"] - 1
     return {
         "budget_mb": budget / MB,
-        "cgroup_peak_mb": peak and peak / MB,
+        **facts,
         "peak_rss_mb": s["peak_rss_mb"],
         "resident_layers": len(plan["resident_layers"]),
         "head_resident": plan["head_resident"],

@@ -138,7 +138,8 @@ class Transformer(nn.Module):
         super().__init__()
         self.config = config
         # given its weight, nn.Embedding skips the random init, which on the meta device
-        # imports 800 modules (72 MB of RSS) the first time
+        # imports 800 modules (72 MB of RSS) the first time; built on the CPU, the table is
+        # left uninitialized (every caller loads or sets the weights)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, _weight=torch.empty(config.vocab_size, config.hidden_size))
         self.layers = nn.ModuleList(Block(config) for _ in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)

@@ -65,11 +65,6 @@ class Int8Linear(nn.Module):
         self.weight, self.scale, self.bias = weight, scale, bias
         self.out_features, self.in_features = weight.shape
 
-    @classmethod
-    def quantize(cls, weight: torch.Tensor, bias: torch.Tensor | None = None) -> Int8Linear:
-        q, scale = quantize_rows(weight.float())
-        return cls(q, scale, None if bias is None else bias.float())
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         y = int8_matmul(x.reshape(-1, shape[-1]), self.weight, self.scale)

@@ -128,13 +128,13 @@ def test_gguf_matches_transformers(tmp_path, arch):
 
 
 def test_int8_linear_and_embedding_match_fp32():
-    from llmcad.quant import Int8Embedding, Int8Linear
+    from llmcad.quant import Int8Embedding, linear_from, linear_tensors
 
     torch.manual_seed(0)
     weight, bias = torch.randn(300, 200), torch.randn(300)
     x = torch.randn(5, 200)
     ref = torch.nn.functional.linear(x, weight, bias)
-    out = Int8Linear.quantize(weight, bias)(x)
+    out = linear_from(linear_tensors(weight, bias, "int8"))(x)
     assert out.shape == ref.shape
     assert (out - ref).norm() / ref.norm() < 0.02
     ids = torch.tensor([0, 7, 299])
