@@ -27,7 +27,6 @@ import sys
 import time
 from pathlib import Path
 
-import torch
 
 from common import RESULTS, machine_info, md_table, write_json
 
@@ -66,16 +65,11 @@ def raw_read_gbps(files: list[Path]) -> float:
 
 
 def pure_compute_s_per_pass(target: Path, precision: str, tokens: int) -> tuple[float, dict]:
-    """Decode compute per pass with everything resident, one compute thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(max(1, threads - 1))
-    try:
-        with Engine.load(target, precision=precision, max_context=2048, progress=False) as engine:
-            engine.generate(PROMPT, max_tokens=4, ignore_eos=True)  # warm up
-            s = engine.generate(PROMPT, max_tokens=tokens, ignore_eos=True).stats
-            return s.decode_s / (s.new_tokens - 1), engine.plan
-    finally:
-        torch.set_num_threads(threads)
+    """Decode compute per pass with everything resident."""
+    with Engine.load(target, precision=precision, max_context=2048, progress=False) as engine:
+        engine.generate(PROMPT, max_tokens=4, ignore_eos=True)  # warm up
+        s = engine.generate(PROMPT, max_tokens=tokens, ignore_eos=True).stats
+        return s.decode_s / (s.new_tokens - 1), engine.plan
 
 
 def run_in_budget(budget: int, cmd: list[str]) -> tuple[dict | None, dict]:

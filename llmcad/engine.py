@@ -85,7 +85,6 @@ class Engine:
         self.fallback = fallback
         self._policies = {}
         self.lock = threading.Lock()
-        self.draft_threads = torch.get_num_threads()
 
     @classmethod
     def load(
@@ -171,12 +170,6 @@ class Engine:
             draft_state.cache = KVCache(draft_state.model.config, context + 2 * slots)
         model = StreamedTransformer(store, plan, drop_page_cache=not keep_page_cache)
         engine = cls(model, store, context, draft_state, mode, slots, fallback)
-        if plan.bytes_per_pass and torch.get_num_threads() > 1:
-            # Measured with buffered reads, when the reader kept a core busy copying pages:
-            # compute threads sharing it with the reader stalled each other at every parallel
-            # barrier (2 cores: 0.61 tok/s with 2 compute threads, 1.02 with 1). Not re-measured
-            # since layers are read with O_DIRECT. Drafting, while the target waits, uses all.
-            torch.set_num_threads(torch.get_num_threads() - 1)
         return engine
 
     def close(self) -> None:
@@ -251,7 +244,7 @@ class Engine:
                 decoder, tokens = None, autoregressive(self.model, self.cache, ids, Sampler(params))
             else:
                 d = self.draft
-                decoder = SpeculativeDecoder(self.model, self.cache, d.model, d.cache, policy, params, on_verify, extend_passes, self.draft_threads)
+                decoder = SpeculativeDecoder(self.model, self.cache, d.model, d.cache, policy, params, on_verify, extend_passes)
                 tokens = decoder.generate(ids)
             steps_seen = 0
             for piece in stream_text(tokens, self.tokenizer, stats, max_tokens=max_tokens, stop=stop, ignore_eos=ignore_eos):

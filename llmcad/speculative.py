@@ -38,9 +38,8 @@ import heapq
 import math
 import time
 from collections import Counter
-from collections.abc import Callable, Generator, Iterator, Sequence
+from collections.abc import Callable, Generator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -104,19 +103,6 @@ class _Slots:
         return token, float(q[token])
 
 
-@contextmanager
-def compute_threads(n: int | None) -> Iterator[None]:
-    """PyTorch compute threads of the calling thread set to `n` for a while (None: unchanged).
-    The setting is per thread: a background thread keeps its own."""
-    before = torch.get_num_threads()
-    if n:
-        torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 class SpeculativeDecoder:
     """Yields the target's tokens for a prompt, several per target pass."""
 
@@ -130,14 +116,12 @@ class SpeculativeDecoder:
         params: SamplingParams,
         on_verify: Callable[[TokenTree, list[int]], None] | None = None,
         extend_passes: int = 0,
-        draft_threads: int | None = None,
     ):
         self.target, self.target_cache = target, target_cache
         self.draft, self.draft_cache = draft, draft_cache
         self.fallback, self.limits, self.params = fallback, fallback.limits, params
         self.on_verify = on_verify
         self.extend_passes = extend_passes
-        self.draft_threads = draft_threads  # compute threads for drafting while the target waits
         # room for the extension: kept subtrees must fit the next tree
         self.extend_room = min(extend_passes * self.limits.batch, self.limits.max_nodes)
         self.generator = seeded_generator(params.seed)
@@ -162,8 +146,7 @@ class SpeculativeDecoder:
             while True:
                 prefix = len(committed) - 1
                 self.stats.carried.append(carried[0].size if carried else 0)
-                with compute_threads(self.draft_threads):
-                    tree, slots, heap, drafted_upto = self._grow(committed, draft_len, carried)
+                tree, slots, heap, drafted_upto = self._grow(committed, draft_len, carried)
                 extension = background.submit(self._extend, tree, slots, heap, prefix, drafted_upto) if self.extend_passes else None
                 started = time.perf_counter()
                 io_before = self.target.io.snapshot() if hasattr(self.target, "io") else None
