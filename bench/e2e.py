@@ -12,11 +12,11 @@ pass per token, its rate does not change with length.
 
     python bench/e2e.py                                   # 1000 MB and 2000 MB, code + chat
     python bench/e2e.py --budgets 1300MB --kinds code --limit 2
-    python bench/e2e.py --modes ar,tree,llmcad,llmcad/cost,llmcad/fixed,llmcad/nopipe
+    python bench/e2e.py --modes ar,tree,llmcad,llmcad/llmcad,llmcad/fixed,llmcad/pipeline
     python bench/e2e.py --budgets 1000MB --modes ar@q4,llmcad@q4,llama.cpp
 
-A mode may carry a variant after "/": a fallback policy (llmcad, cost, fixed) or nopipe
-(no drafting during verification); and a precision after "@" for both models (int8 when
+A mode may carry a variant after "/": a fallback policy (llmcad, cost, fixed; else the
+engine's default) or pipeline (drafting on during verification); and a precision after "@" for both models (int8 when
 absent; speedups are over `ar` in the same precision). `llama.cpp` is llama.cpp's plain
 decoding of the target's GGUF (llama-server, found as bench/llamacpp.py says), in the same
 cgroup, its server started by a standard-library-only wrapper.
@@ -37,6 +37,7 @@ from stream import evict, raw_read_gbps, run_in_budget, run_peer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from llmcad.budget import MB, parse_size  # noqa: E402
+from llmcad.engine import DEFAULT_FALLBACK  # noqa: E402
 from llmcad.fallback import FALLBACKS  # noqa: E402
 from llmcad.timeline import TIMELINE  # noqa: E402
 from llmcad.hub import DEFAULT_DRAFT, DEFAULT_TARGET, resolve_model  # noqa: E402
@@ -44,7 +45,7 @@ from llmcad.store import ensure_store  # noqa: E402
 from llmcad.weights import open_checkpoint  # noqa: E402
 from tests.cgroup import cgroup_unavailable  # noqa: E402
 
-MODES = ("llama.cpp", "ar", "tree", "llmcad", "ar@q4", "sd@q4", "tree@q4", "llmcad@q4", "llmcad/cost@q4")
+MODES = ("llama.cpp", "ar", "llmcad", "ar@q4", "sd@q4", "tree@q4", "llmcad@q4", "llmcad/llmcad@q4", "llmcad/pipeline@q4")
 PEER = "llama.cpp"
 
 
@@ -60,13 +61,13 @@ def one_run(args: argparse.Namespace) -> None:
     from llmcad.engine import Engine
 
     mode, variant, precision = parse_mode(args.mode)
-    fallback = variant if variant in FALLBACKS else "llmcad"
+    fallback = variant if variant in FALLBACKS else DEFAULT_FALLBACK
     draft = None if mode == "ar" else args.draft  # the baseline is the target alone, with the whole budget
     with Engine.load(args.target, draft=draft, memory_budget=args.budget, fallback=fallback, precision=precision,
                      draft_precision=precision, max_context=args.max_context, progress=False) as engine:
         ids = engine.chat_prompt([{"role": "user", "content": args.prompt}])
         steps, tokens, final = [], [], None
-        pipeline = False if variant == "nopipe" else None
+        pipeline = variant == "pipeline"
         TIMELINE.start()
         for piece in engine.stream(ids, max_tokens=args.tokens, ignore_eos=True, mode=mode, pipeline=pipeline):
             tokens += piece.token_ids
@@ -225,13 +226,15 @@ def plot(results: dict, modes: list[str], path: Path) -> None:
             b.plot(r["accepted_over_time"], label=f"{r['mode']} {round(r['budget_mb'])} MB {r['kind']}", alpha=0.8)
     b.set(title="accepted tokens per verification", xlabel="verification")
     b.legend(fontsize=7)
-    shown = next((r for r in results["runs"] if parse_mode(r.get("mode", ""))[:2] == ("llmcad", "") and r.get("timeline")), None)
+    # the pipeline's run shows drafting overlapping verification; else the default llmcad
+    llmcad_runs = [r for r in results["runs"] if parse_mode(r.get("mode", ""))[0] == "llmcad" and r.get("timeline")]
+    shown = next((r for r in llmcad_runs if parse_mode(r["mode"])[1] == "pipeline"), None) or next((r for r in llmcad_runs if not parse_mode(r["mode"])[1]), None)
     if shown:
         lanes = ["read", "target waits for a read", "target pass", "draft", "draft, in the background"]
         for y, lane in enumerate(lanes):
             c.broken_barh([(a0, a1 - a0) for name, a0, a1 in shown["timeline"] if name == lane], (y - 0.4, 0.8), color=f"C{y}")
         c.set_yticks(range(len(lanes)), lanes, fontsize=8)
-        c.set(title=f"one llmcad step ({round(shown['budget_mb'])} MB, {shown['kind']}): drafting, then verification",
+        c.set(title=f"one step of {shown['mode']} ({round(shown['budget_mb'])} MB, {shown['kind']})",
               xlabel="seconds")
     fig.tight_layout()
     fig.savefig(path, dpi=110)

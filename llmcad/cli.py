@@ -41,7 +41,7 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--tree-depth", type=int, default=None, metavar="D", help=f"tree/llmcad: maximum depth (default: tree {TreeLimits.max_depth}, llmcad 12)")
     gen.add_argument("--tree-width", type=int, default=None, metavar="W", help=f"tree/llmcad: children per node at most (default: {TreeLimits.width})")
     gen.add_argument("--branch-threshold", type=float, default=None, metavar="P", help=f"tree/llmcad: draft probability that opens a branch (default: {TreeLimits.branch_threshold})")
-    gen.add_argument("--no-pipeline", action="store_true", help="llmcad: the draft waits while the target verifies (default: it keeps drafting when the target is streamed)")
+    gen.add_argument("--pipeline", action="store_true", help="llmcad: the draft keeps drafting while the target verifies (default: it waits; on 2 cores the target's compute needs both)")
     gen.add_argument("--show-tree", action="store_true", help="draw every token tree on stderr, accepted path marked with *")
     gen.add_argument("--chat", action="store_true", help="wrap PROMPT in the model's chat template as a user message")
     gen.add_argument("--max-tokens", type=int, default=256, metavar="N")
@@ -84,7 +84,7 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     """The options that choose and load the models, shared by generate and serve."""
     parser.add_argument("--target", default=hub.DEFAULT_TARGET, metavar="MODEL", help="GGUF file, HF folder, layer store or alias (default: %(default)s)")
     parser.add_argument("--draft", default=None, metavar="MODEL", help="draft model for speculative decoding")
-    parser.add_argument("--mode", choices=MODES, default=None, help="ar: target alone; sd: linear draft; tree: token tree with fixed limits; llmcad: token tree, fallback policy and pipeline (default: llmcad with --draft, else ar)")
+    parser.add_argument("--mode", choices=MODES, default=None, help="ar: target alone; sd: linear draft; tree: token tree with fixed limits; llmcad: token tree grown until the fallback policy says verify (default: llmcad with --draft, else ar)")
     parser.add_argument("--fallback", choices=FALLBACKS, default=DEFAULT_FALLBACK, help="llmcad: when to stop drafting and verify; fixed: at the tree limits, llmcad: tree confidence against a self-adjusting threshold, cost: when expected accepted tokens per second would fall (default: %(default)s)")
     parser.add_argument("--precision", choices=PRECISIONS, default="int8", help="target compute and storage precision (default: %(default)s)")
     parser.add_argument("--draft-precision", choices=PRECISIONS, default="int8", help="draft compute precision (default: %(default)s)")
@@ -133,7 +133,7 @@ def _generate(args: argparse.Namespace) -> int:
             stop=args.stop,
             ignore_eos=args.ignore_eos,
             limits=limits,
-            pipeline=False if args.no_pipeline else None,
+            pipeline=args.pipeline,
             on_verify=_tree_printer(engine.tokenizer) if args.show_tree else None,
         )
         if args.json:

@@ -32,7 +32,7 @@ MODES = ("ar", "sd", "tree", "llmcad")
 TREE_SLOTS = (64, 32)  # cache slots past the context for a token tree; the first that fits a budget
 EXTEND_PASSES = 3  # draft passes growing the tree on while a streamed target verifies it
 DRAFT_ROWS = 16  # most nodes in one draft pass (TreeLimits.batch)
-DEFAULT_FALLBACK = "llmcad"
+DEFAULT_FALLBACK = "cost"  # the fastest by measurement (bench/e2e.py; docs/ARCHITECTURE.md)
 
 
 def default_limits(mode: str, tree_slots: int) -> TreeLimits | None:
@@ -106,8 +106,8 @@ class Engine:
         store in `precision` (cached under LLMCAD_HOME) and streamed from it; the draft is
         loaded resident. `mode` is the default decoding mode: "ar" (target alone), "sd"
         (linear draft), "tree" (fixed tree limits) or "llmcad" (tree grown until the `fallback`
-        policy, "fixed", "llmcad" or "cost", says verify; the draft keeps drafting while a
-        streamed target verifies). The default is "llmcad" with a draft, else "ar".
+        policy, "fixed", "llmcad" or "cost", says verify). The default is "llmcad" with a
+        draft, else "ar".
 
         `memory_budget` (bytes, or text such as "1.5GB") bounds the whole process: the
         engine keeps as much of the target resident as fits and streams the rest; None
@@ -200,15 +200,16 @@ class Engine:
         mode: str | None = None,
         limits: TreeLimits | None = None,
         fallback: str | None = None,
-        pipeline: bool | None = None,
+        pipeline: bool = False,
         on_verify: Callable[[TokenTree, list[int]], None] | None = None,
     ) -> Iterator[Piece]:
         """Yield the continuation of `prompt` (text, or token ids) piece by piece; the last
         piece has the finish reason and the stats, and the first piece after each
         verification its `step` figures (tokens accepted, tree size, verification seconds,
         share of it waiting on IO). `mode`, the tree `limits` and the `fallback` policy
-        override the engine's defaults for this call. `pipeline` (mode llmcad; default: on
-        when the target is streamed) lets the draft keep drafting during verification.
+        override the engine's defaults for this call. `pipeline` (mode llmcad) lets the draft
+        keep drafting during verification (off by default: on 2 cores it takes the CPU the
+        target's compute needs; see docs/ARCHITECTURE.md).
         `on_verify(tree, accepted_path)` sees every tree."""
         ids = self._ids(prompt)
         params = SamplingParams(temperature, top_k, top_p, seed)
@@ -221,8 +222,6 @@ class Engine:
             raise LlmcadError(f"a token tree holds at most {self.tree_slots - 1} drafted nodes here, asked for {limits.max_nodes}")
         if limits is not None and not 1 <= limits.batch <= DRAFT_ROWS:
             raise LlmcadError(f"a draft pass takes 1 to {DRAFT_ROWS} tree nodes, asked for {limits.batch}")
-        if pipeline is None:
-            pipeline = mode == "llmcad" and self.plan.bytes_per_pass > 0
         extend_passes = EXTEND_PASSES if pipeline and limits is not None else 0
         self._check_lengths(len(ids), max_tokens)
         stops = [stop] if isinstance(stop, str) else list(stop)

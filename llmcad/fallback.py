@@ -17,8 +17,13 @@ target accepted and how long things took. `TreeLimits` stay hard caps for every 
   per second of the whole step (drafting plus verification). Expected accepted tokens are
   the sum over nodes of the probability that the target accepts the node's path, from an
   online calibration of draft probability against observed acceptance; times are measured:
-  a draft pass (moving average) and a verification as a linear function of tree size
-  (least squares over recent verifications, which on a streamed target include its IO).
+  a draft pass (moving average) and a verification. A streamed target reads its layers
+  while it computes, so a verification takes the longer of its reads (the median read time
+  of recent passes: the streaming layer's own timings) and its compute (a linear function
+  of tree size, least squares over recent passes), plus the median of what neither
+  explains. Under a tight budget the reads dominate and a bigger tree costs only its
+  drafting, up to the size whose compute outlasts the reads (with the q4 pair at 1000 MB
+  on code, about 15 nodes); a resident target's verification is its compute.
 """
 
 from __future__ import annotations
@@ -63,8 +68,9 @@ class Fallback:
         `candidates` are the open child slots as (-cumulative log-prob, node, slot)."""
         return False
 
-    def observe(self, tree: TokenTree, path: list[int], verify_s: float) -> None:
-        """The target accepted `path` (root first) of `tree` in a pass of `verify_s` seconds."""
+    def observe(self, tree: TokenTree, path: list[int], verify_s: float, compute_s: float | None = None, read_s: float = 0.0) -> None:
+        """The target accepted `path` (root first) of `tree` in a pass of `verify_s` seconds,
+        `compute_s` of them computing (None: all) while its reads took `read_s`."""
 
     def state(self) -> dict:
         """Figures worth reporting per step."""
@@ -81,7 +87,7 @@ class ConfidenceFallback(Fallback):
     def should_verify(self, tree, batch, candidates) -> bool:
         return math.exp(max(float(tree.logp[n]) for n in batch)) < self.threshold
 
-    def observe(self, tree, path, verify_s) -> None:
+    def observe(self, tree, path, verify_s, compute_s=None, read_s=0.0) -> None:
         last = path[-1]
         if tree.children[last]:
             confidence = max(math.exp(float(tree.logp[c])) for c in tree.children[last])
@@ -106,7 +112,7 @@ class CostFallback(Fallback):
         self.accepted = [0.0] * self.BUCKETS
         self.draft_s: float | None = None  # moving average of one draft pass
         self.tree_draft_s = 0.0  # drafting time of the tree being grown
-        self.verifications: deque[tuple[int, float]] = deque(maxlen=64)  # (tree nodes, seconds)
+        self.verifications: deque[tuple[int, float, float, float]] = deque(maxlen=64)  # (tree nodes, seconds, compute, reads)
 
     def _bucket(self, q: float) -> int:
         return min(self.BUCKETS - 1, int(q * self.BUCKETS))
@@ -117,13 +123,19 @@ class CostFallback(Fallback):
         b = self._bucket(q)
         return (self.accepted[b] + self.PRIOR * q) / (self.offered[b] + self.PRIOR)
 
-    def verify_s(self, nodes: int) -> float:
-        """Predicted seconds of a verification of a tree of `nodes` nodes."""
-        xs, ys = [n for n, _ in self.verifications], [s for _, s in self.verifications]
+    def compute_s(self, nodes: int) -> float:
+        """Predicted compute seconds of a verification of a tree of `nodes` nodes."""
+        xs, ys = [v[0] for v in self.verifications], [v[2] for v in self.verifications]
         if len(set(xs)) < 2:
             return statistics.fmean(ys)
         slope = max(0.0, statistics.linear_regression(xs, ys).slope)
         return statistics.fmean(ys) + slope * (nodes - statistics.fmean(xs))
+
+    def verify_s(self, nodes: int) -> float:
+        """Predicted seconds of a verification of a tree of `nodes` nodes."""
+        read = statistics.median(v[3] for v in self.verifications)
+        unexplained = statistics.median(max(0.0, s - max(c, r)) for _, s, c, r in self.verifications)
+        return max(read, self.compute_s(nodes)) + unexplained
 
     def draft_pass(self, seconds: float) -> None:
         self.tree_draft_s += seconds
@@ -151,14 +163,14 @@ class CostFallback(Fallback):
         cost = self.draft_s + self.verify_s(tree.size + room) - self.verify_s(tree.size)
         return (expected + gain + 1) / (elapsed + cost) <= rate_now
 
-    def observe(self, tree, path, verify_s) -> None:
+    def observe(self, tree, path, verify_s, compute_s=None, read_s=0.0) -> None:
         on_path = set(path)
         for node in path:
             for child in tree.children[node]:
                 b = self._bucket(float(tree.probs[child]))
                 self.offered[b] += 1
                 self.accepted[b] += child in on_path
-        self.verifications.append((tree.size, verify_s))
+        self.verifications.append((tree.size, verify_s, verify_s if compute_s is None else compute_s, read_s))
         self.tree_draft_s = 0.0
 
     def state(self) -> dict:

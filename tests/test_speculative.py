@@ -298,6 +298,20 @@ def test_cost_fallback_stops_when_drafting_costs_more_than_it_brings():
     assert slow_target.acceptance(0.75) > 0.7  # accepted nodes pull their bin up
 
 
+def test_cost_fallback_prices_a_streamed_verification_as_the_longer_of_its_reads_and_compute():
+    policy = CostFallback(TreeLimits(max_nodes=32))
+    for nodes in (3, 6, 9, 12, 15):  # reads take 1.2 s a pass; compute 0.1 s + 0.06 s a node; 0.05 s of waits
+        compute = 0.1 + 0.06 * nodes
+        policy.observe(_tree([0.5] * (nodes - 1)), [0], verify_s=max(1.2, compute) + 0.05, compute_s=compute, read_s=1.2)
+    assert policy.verify_s(4) == pytest.approx(1.25)  # the reads hide the compute: a bigger tree costs nothing more
+    assert policy.verify_s(15) == pytest.approx(1.25)
+    assert policy.verify_s(40) == pytest.approx(0.1 + 0.06 * 40 + 0.05)  # compute outlasts the reads
+    resident = CostFallback(TreeLimits(max_nodes=32))
+    for nodes in (3, 15):
+        resident.observe(_tree([0.5] * (nodes - 1)), [0], verify_s=0.1 + 0.06 * nodes)
+    assert resident.verify_s(40) == pytest.approx(0.1 + 0.06 * 40)  # no reads: the compute alone
+
+
 def test_unknown_fallback_is_a_clear_error(pair):
     with pytest.raises(LlmcadError, match="unknown fallback policy"):
         pair.generate("abc", max_tokens=2, mode="llmcad", fallback="sometimes")
