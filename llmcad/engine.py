@@ -30,7 +30,7 @@ DEFAULT_MAX_CONTEXT = 4096
 CONTEXTS_UNDER_BUDGET = (4096, 2048, 1024, 512)  # tried in turn when a budget is set and no context is
 MODES = ("ar", "sd", "tree", "llmcad")
 TREE_SLOTS = (64, 32)  # cache slots past the context for a token tree; the first that fits a budget
-EXTEND_PASSES = 3  # draft passes growing the tree on while a streamed target verifies it
+EXTEND_PASSES = 3  # with the pipeline on: draft passes growing the tree on while the target verifies it
 DRAFT_ROWS = 16  # most nodes in one draft pass (TreeLimits.batch)
 DEFAULT_FALLBACK = "cost"  # the fastest by measurement (bench/e2e.py; docs/ARCHITECTURE.md)
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from llmcad.config import ModelConfig
-from llmcad.engine import Engine
+from llmcad.engine import DEFAULT_FALLBACK, Engine
 from llmcad.errors import LlmcadError
 from llmcad.model import KVCache, Transformer
 from llmcad.sampling import SamplingParams, probabilities
@@ -195,7 +195,7 @@ def test_cli_tree_mode_json_and_show_tree(tiny_llama, capsys):
     assert cli.main(["generate", "--target", str(tiny_llama), "--draft", str(tiny_llama), "--precision", "fp32",
                      "--max-tokens", "12", "--ignore-eos", "--json", "hello"]) == 0
     out = json.loads(capsys.readouterr().out)
-    assert out["stats"]["mode"] == "llmcad" and out["stats"]["fallback"] == "llmcad" and out["stats"]["verifications"] >= 1
+    assert out["stats"]["mode"] == "llmcad" and out["stats"]["fallback"] == DEFAULT_FALLBACK and out["stats"]["verifications"] >= 1
     assert out["stats"]["new_tokens"] == len(out["tokens"]) == 12
     assert cli.main(["generate", "--target", str(tiny_llama), "--draft", str(tiny_llama), "--draft-precision", "fp32",
                      "--mode", "sd", "--draft-tokens", "3", "--max-tokens", "8", "--ignore-eos", "--show-tree", "hello"]) == 0

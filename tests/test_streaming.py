@@ -265,7 +265,7 @@ def test_timeline_records_reads_target_passes_and_draft_passes(tiny_llama, fixed
     with Engine.load(tiny_llama, draft=tiny_llama, memory_budget=budget, progress=False) as engine:
         TIMELINE.start()
         try:
-            engine.generate("abc", max_tokens=12, ignore_eos=True, mode="llmcad")
+            engine.generate("abc", max_tokens=12, ignore_eos=True, mode="llmcad", pipeline=True)
         finally:
             spans = TIMELINE.stop()
         engine.generate("abc", max_tokens=4, ignore_eos=True, mode="llmcad")
