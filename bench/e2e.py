@@ -16,8 +16,8 @@ pass per token, its rate does not change with length.
     python bench/e2e.py --budgets 1000MB --modes ar@q4,llmcad@q4,llama.cpp
 
 A mode may carry a variant after "/": a fallback policy (llmcad, cost, fixed; else the
-engine's default) or pipeline (drafting on during verification); and a precision after "@" for both models (int8 when
-absent; speedups are over `ar` in the same precision). `llama.cpp` is llama.cpp's plain
+engine's default) or pipeline (drafting on during verification); and a precision after "@"
+for both models (int8 when absent; speedups are over `ar` in the same precision). `llama.cpp` is llama.cpp's plain
 decoding of the target's GGUF (llama-server, found as bench/llamacpp.py says), in the same
 cgroup, its server started by a standard-library-only wrapper.
 

@@ -27,7 +27,6 @@ import sys
 import time
 from pathlib import Path
 
-
 from common import RESULTS, machine_info, md_table, write_json
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
