@@ -105,6 +105,7 @@ class CostFallback(Fallback):
     name = "cost"
     BUCKETS = 10  # calibration bins over the draft probability of a node given its parent
     PRIOR = 4.0  # pseudo-observations at "acceptance = draft probability" per bin
+    FIRST_TREE = 16  # drafted nodes of the first tree, before anything is measured
 
     def __init__(self, limits: TreeLimits):
         super().__init__(limits)
@@ -150,7 +151,9 @@ class CostFallback(Fallback):
 
     def should_verify(self, tree, batch, candidates) -> bool:
         if not self.verifications or self.draft_s is None:
-            return False  # nothing measured yet: grow to the caps once
+            # nothing measured yet: a middling tree (one at the caps, 63 nodes, took a q4
+            # target 2.9 s, and the cost fit extrapolated from it priced every larger tree high)
+            return tree.size > self.FIRST_TREE
         reach = self._reach(tree)
         expected = sum(reach[1:])
         elapsed = self.tree_draft_s + self.verify_s(tree.size)

@@ -8,7 +8,7 @@ ever holding a second full copy.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Container, Iterator
+from collections.abc import Callable, Container, Iterator, Sequence
 from dataclasses import dataclass, replace
 from functools import cached_property, partial
 from pathlib import Path
@@ -91,6 +91,22 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
     raise LlmcadError(f"{path}: no such file or folder")
 
 
+class VocabularySubsetHead(nn.Module):
+    """An output head over some vocabulary rows only (`ids`); every other token's logit is
+    -inf. A draft's proposals then come from those tokens alone, and speculation stays
+    lossless: the target checks every proposal, and sampling's acceptance uses this very
+    distribution (zero outside `ids`, so the residual keeps the target's mass there)."""
+
+    def __init__(self, head: nn.Module, ids: torch.Tensor, vocab_size: int):
+        super().__init__()
+        self.head, self.ids, self.vocab_size = head, ids, vocab_size
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = x.new_full((*x.shape[:-1], self.vocab_size), -torch.inf)
+        logits[..., self.ids] = self.head(x)
+        return logits
+
+
 class CheckpointEmbedding(nn.Module):
     """Token embedding rows read from the checkpoint file when a step looks them up (about
     0.1 ms a row from a GGUF), instead of a resident vocabulary-sized table."""
@@ -107,55 +123,83 @@ VOCAB_MATRICES = ("embed_tokens.weight", "lm_head.weight")
 ROWS_PER_CHUNK = 8192  # vocabulary rows converted at a time
 
 
-def load_model(ckpt: Checkpoint, precision: str = "fp32", progress: bool = False, embedding_on_demand: bool = False) -> Transformer:
+def load_model(
+    ckpt: Checkpoint,
+    precision: str = "fp32",
+    progress: bool = False,
+    embedding_on_demand: bool = False,
+    head_ids: Sequence[int] | None = None,
+) -> Transformer:
     """Build the model, converting each tensor to `precision` as soon as its module is complete;
     vocabulary-sized matrices are converted a slice of rows at a time (no fp32 copy of a
-    150k-row head). With `embedding_on_demand` an untied embedding is not loaded: its rows
-    are read from the checkpoint as needed (a tied one is the output head's matrix)."""
+    150k-row head). With `embedding_on_demand` the embedding is not loaded unless it is the
+    output head's matrix too: its rows are read from the checkpoint as needed. With
+    `head_ids` the output head holds only those tokens' rows (`VocabularySubsetHead`)."""
     if precision not in PRECISIONS:
         raise LlmcadError(f"unknown precision {precision!r} (choose from {', '.join(PRECISIONS)})")
     config = ckpt.config
     with torch.device("meta"):
         model = Transformer(config)
-    matrices = ["embed_tokens.weight"] + ([] if config.tie_word_embeddings else ["lm_head.weight"])
-    if embedding_on_demand and not config.tie_word_embeddings:
-        model.embed_tokens = CheckpointEmbedding(ckpt)
-        matrices.remove("embed_tokens.weight")
+    head_name = "embed_tokens.weight" if config.tie_word_embeddings else "lm_head.weight"
+    if head_ids is not None:
+        head_ids = sorted(set(head_ids))
+        if not head_ids or head_ids[0] < 0 or head_ids[-1] >= config.vocab_size:
+            raise LlmcadError(f"{ckpt.path}: head token ids must lie in 0..{config.vocab_size - 1}")
+    shared = config.tie_word_embeddings and head_ids is None  # one matrix serves both
+    on_demand = embedding_on_demand and not shared
     bar = tqdm(total=ckpt.tensor_count, desc=f"loading {ckpt.path.name} ({precision})", unit="tensor", disable=not progress)
     with bar:  # closed on error too, so an error message starts on a line of its own
-        for name in matrices:
-            setattr(model, name.split(".")[0], _vocab_matrix(ckpt, name, precision))
-            bar.update()
+        model.embed_tokens = CheckpointEmbedding(ckpt) if on_demand else _vocab_matrix(ckpt, "embed_tokens.weight", precision)
+        if shared:
+            model.lm_head = tied_head(model.embed_tokens)  # one copy of the shared matrix
+        else:
+            head = _vocab_matrix(ckpt, head_name, precision, as_head=True, ids=head_ids)
+            model.lm_head = head if head_ids is None else VocabularySubsetHead(head, torch.tensor(head_ids), config.vocab_size)
+        bar.update(len(VOCAB_MATRICES) - config.tie_word_embeddings)
         for name, tensor in ckpt.tensors(skip=VOCAB_MATRICES):
             bar.update()
             if not name.endswith(IGNORED_HF_TENSORS):
                 _assign(model, name, tensor, precision, ckpt.path)
-    if config.tie_word_embeddings:
-        model.lm_head = tied_head(model.embed_tokens)  # one copy of the shared matrix
     missing = [n for n, p in model.named_parameters() if p.is_meta]
     if missing:
         raise LlmcadError(f"{ckpt.path}: missing tensors: {', '.join(missing[:5])}" + (" ..." if len(missing) > 5 else ""))
     return model.eval()
 
 
-def _vocab_matrix(ckpt: Checkpoint, name: str, precision: str) -> nn.Module:
-    """The embedding or output head `name`, converted to `precision` in slices of rows."""
+def _vocab_matrix(ckpt: Checkpoint, name: str, precision: str, as_head: bool = False, ids: Sequence[int] | None = None) -> nn.Module:
+    """The vocabulary matrix `name` (all rows, or the sorted `ids`) as an embedding or an
+    output head, converted to `precision` in slices of rows."""
     precision = vocab_precision(precision)
-    rows, cols = ckpt.config.vocab_size, ckpt.config.hidden_size
-    weight = torch.empty(rows, cols, dtype=torch.int8 if precision == "int8" else torch.float32)
-    scale = torch.empty(rows)
-    for start in range(0, rows, ROWS_PER_CHUNK):
-        stop = min(rows, start + ROWS_PER_CHUNK)
+    cols = ckpt.config.hidden_size
+    ids = range(ckpt.config.vocab_size) if ids is None else ids
+    weight = torch.empty(len(ids), cols, dtype=torch.int8 if precision == "int8" else torch.float32)
+    scale = torch.empty(len(ids))
+    at = 0
+    for start, stop in _row_slices(ids):
         block = ckpt.rows(name, start, stop)
         if tuple(block.shape) != (stop - start, cols):
             raise LlmcadError(f"{ckpt.path}: tensor {name!r} has rows of {block.shape[-1]} values, expected {cols}")
+        rows = slice(at, at + stop - start)
         if precision == "int8":
-            weight[start:stop], scale[start:stop] = quantize_rows(block)
+            weight[rows], scale[rows] = quantize_rows(block)
         else:
-            weight[start:stop] = block
-    if name == "lm_head.weight":
+            weight[rows] = block
+        at = rows.stop
+    if as_head:
         return Int8Linear(weight, scale) if precision == "int8" else _linear(weight)
     return Int8Embedding(weight, scale) if precision == "int8" else nn.Embedding.from_pretrained(weight, freeze=True)
+
+
+def _row_slices(ids: Sequence[int]) -> Iterator[tuple[int, int]]:
+    """(start, stop) slices covering the sorted `ids` in order, runs of consecutive ids
+    together and none longer than ROWS_PER_CHUNK."""
+    i = 0
+    while i < len(ids):
+        j = i + 1
+        while j < len(ids) and j - i < ROWS_PER_CHUNK and ids[j] == ids[j - 1] + 1:
+            j += 1
+        yield ids[i], ids[j - 1] + 1
+        i = j
 
 
 def _linear(weight: torch.Tensor) -> nn.Linear:

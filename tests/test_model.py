@@ -206,6 +206,25 @@ def test_int8_model_is_close_to_fp32(tiny_model):
     assert (q - ref).norm() / ref.norm() < 0.1  # argmax agreement is not checked: random logits are near-ties
 
 
+@pytest.mark.parametrize("precision", ["fp32", "int8"])
+def test_a_head_over_some_tokens_gives_their_logits_and_minus_infinity_elsewhere(tiny_model, precision):
+    """A draft's truncated vocabulary: tied (qwen2) or not, with the embedding read on
+    demand, the kept tokens' logits are the full model's and the others' -inf."""
+    ckpt = open_checkpoint(tiny_model)
+    vocab = ckpt.config.vocab_size
+    ids = prompt(vocab)
+    keep = sorted({*range(100), 150, 151, vocab - 1})  # a run, a pair and the last row
+    # the reference reads its embedding the same way (from the checkpoint, not int8) and keeps every row
+    full = run(load_model(ckpt, precision, embedding_on_demand=True, head_ids=range(vocab)), ids, [8, 1, 1, 1, 1])
+    model = load_model(ckpt, precision, embedding_on_demand=True, head_ids=keep)
+    part = run(model, ids, [8, 1, 1, 1, 1])
+    assert model.lm_head.head.weight.shape[0] == len(keep)  # only those rows are held
+    outside = torch.ones(vocab, dtype=torch.bool)
+    outside[keep] = False
+    assert torch.isneginf(part[:, outside]).all()
+    torch.testing.assert_close(part[:, keep], full[:, keep], atol=1e-5, rtol=0)
+
+
 def test_missing_tensor_and_repeated_tied_head(tmp_path):
     from safetensors.torch import load_file, save_file
 

@@ -17,6 +17,7 @@ from llmcad.sampling import SamplingParams, probabilities
 from llmcad.fallback import ConfidenceFallback, CostFallback, Fallback, TreeLimits
 from llmcad.speculative import SpeculativeDecoder
 from llmcad.tree import TokenTree
+from llmcad.weights import VocabularySubsetHead
 from conftest import make_tiny_hf
 
 LIMITS = {
@@ -31,11 +32,15 @@ LIMITS = {
 
 
 @pytest.fixture(scope="module", params=["llama", "qwen2"])
-def pair(request, tmp_path_factory) -> Engine:
+def pair_folders(request, tmp_path_factory) -> tuple:
     """A tiny target and a draft that is the target with its weights perturbed."""
     root = tmp_path_factory.mktemp(f"pair-{request.param}")
-    target = make_tiny_hf(root / "target", request.param, seed=3)
-    draft = make_tiny_hf(root / "draft", request.param, seed=3, noise=0.03)
+    return make_tiny_hf(root / "target", request.param, seed=3), make_tiny_hf(root / "draft", request.param, seed=3, noise=0.03)
+
+
+@pytest.fixture(scope="module")
+def pair(pair_folders) -> Engine:
+    target, draft = pair_folders
     return Engine.load(target, draft=draft, precision="fp32", progress=False)
 
 
@@ -97,6 +102,21 @@ def test_tree_mode_needs_a_compatible_draft(tiny_llama, tmp_path):
 
 
 # ---- sampling: goodness of fit on a 48-token vocabulary ------------------------------------
+def test_a_draft_with_a_truncated_vocabulary_stays_lossless(pair_folders, ar_tokens):
+    """The draft proposes only the first 120 of 320 ids (and the special tokens); the
+    output is still the target's, and the target's own tokens outside them still come."""
+    target, draft = pair_folders
+    engine = Engine.load(target, draft=draft, precision="fp32", progress=False, draft_vocab=120)
+    allowed = set(range(120)) | set(engine.tokenizer.backend.get_added_tokens_decoder())
+    proposed, accepted = set(), 0
+    for case in CASES:
+        result = engine.generate(prompt_for(*case), max_tokens=24, ignore_eos=True, mode="llmcad",
+                                 on_verify=lambda tree, path: proposed.update(tree.tokens[1 : tree.size].tolist()))
+        assert result.tokens == ar_tokens[case], case
+        accepted += result.stats.extra["accepted_per_verification"]
+    assert proposed and proposed <= allowed
+    assert accepted > 0 and any(t >= 120 for case in CASES for t in ar_tokens[case])
+
 
 VOCAB = 48
 PROMPT = [5, 17, 3]
@@ -180,6 +200,19 @@ def sampling_pair():
 def test_tree_sampling_preserves_the_target_distribution(sampling_pair):
     target, draft, expected = sampling_pair
     p_values = fit_p_values(sampled_marginals(SpeculativeDecoder, target, draft), expected)
+    assert min(p_values) > 1e-3, p_values
+
+
+def test_sampling_with_a_truncated_draft_vocabulary_preserves_the_target_distribution(sampling_pair):
+    """The draft proposes from half the vocabulary: the other half reaches the output only
+    through the residual max(p - q, 0), with q zero there."""
+    target, draft, expected = sampling_pair
+    keep = torch.arange(VOCAB // 2)
+    head = torch.nn.Linear(draft.config.hidden_size, len(keep), bias=False)
+    head.weight = torch.nn.Parameter(draft.lm_head.weight[keep], requires_grad=False)
+    truncated = tiny(1)  # the draft again, with another head
+    truncated.lm_head = VocabularySubsetHead(head, keep, VOCAB)
+    p_values = fit_p_values(sampled_marginals(SpeculativeDecoder, target, truncated), expected)
     assert min(p_values) > 1e-3, p_values
 
 
