@@ -153,8 +153,10 @@ class SpeculativeDecoder:
                 path, bonus = self._verify(tree, slots, prefix)
                 verify_s = time.perf_counter() - started
                 accepted = path[1:]
-                self.fallback.observe(tree, path, verify_s)
-                self._record(tree, accepted, verify_s, io_before)
+                io = self.target.io.since(io_before) if io_before is not None else None
+                timings = (io["compute_s"], io["io_s"]) if io else ()  # a resident target: all compute
+                self.fallback.observe(tree, path, verify_s, *timings)
+                self._record(tree, accepted, verify_s, io)
                 if self.on_verify:
                     self.on_verify(tree, path)
                 # keep only the accepted path's keys/values, moved into place behind the root
@@ -248,12 +250,11 @@ class SpeculativeDecoder:
     def _slots(self, logits: torch.Tensor) -> _Slots:
         return _Slots(probabilities(logits, self.draft_params), self.limits, keep_q=not self.params.greedy)
 
-    def _record(self, tree: TokenTree, accepted: list[int], verify_s: float, io_before) -> None:
+    def _record(self, tree: TokenTree, accepted: list[int], verify_s: float, io: dict | None) -> None:
         self.stats.accepted.append(len(accepted))
         self.stats.tree_nodes.append(tree.size - 1)
         step = {"accepted": len(accepted), "tree_nodes": tree.size - 1, "verify_s": verify_s, **self.fallback.state()}
-        if io_before is not None:
-            io = self.target.io.since(io_before)
+        if io is not None:
             step["io_wait_share"] = io["io_wait_s"] / verify_s if verify_s else 0.0
         self.stats.steps.append(step)
 

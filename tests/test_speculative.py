@@ -101,7 +101,6 @@ def test_tree_mode_needs_a_compatible_draft(tiny_llama, tmp_path):
         Engine.load(tiny_llama, draft=other, precision="fp32", progress=False)
 
 
-# ---- sampling: goodness of fit on a 48-token vocabulary ------------------------------------
 def test_a_draft_with_a_truncated_vocabulary_stays_lossless(pair_folders, ar_tokens):
     """The draft proposes only the first 120 of 320 ids (and the special tokens); the
     output is still the target's, and the target's own tokens outside them still come."""
@@ -118,6 +117,24 @@ def test_a_draft_with_a_truncated_vocabulary_stays_lossless(pair_folders, ar_tok
     assert accepted > 0 and any(t >= 120 for case in CASES for t in ar_tokens[case])
 
 
+def test_the_fallback_sees_the_streaming_layers_compute_and_read_times(pair):
+    """The cost policy prices a verification from the target's own timings, so the decoder
+    passes them (this pair is resident: everything is compute, nothing is read)."""
+    seen = []
+
+    class Spy(Fallback):
+        def observe(self, tree, path, verify_s, compute_s=None, read_s=0.0):
+            seen.append((verify_s, compute_s, read_s))
+
+    d = pair.draft
+    tokens = SpeculativeDecoder(pair.model, pair.cache, d.model, d.cache, Spy(TreeLimits()), SamplingParams()).generate(prompt_for(0, 4))
+    for _ in range(8):
+        next(tokens)
+    tokens.close()
+    assert seen and all(c is not None and 0 <= c <= v + 1e-3 and r == 0 for v, c, r in seen), seen
+
+
+# ---- sampling: goodness of fit on a 48-token vocabulary ------------------------------------
 VOCAB = 48
 PROMPT = [5, 17, 3]
 SAMPLES = 2000
