@@ -195,9 +195,11 @@ def _row_slices(ids: Sequence[int]) -> Iterator[tuple[int, int]]:
     together and none longer than ROWS_PER_CHUNK."""
     i = 0
     while i < len(ids):
-        j = i + 1
-        while j < len(ids) and j - i < ROWS_PER_CHUNK and ids[j] == ids[j - 1] + 1:
-            j += 1
+        j = min(i + ROWS_PER_CHUNK, len(ids))
+        if ids[j - 1] - ids[i] != j - 1 - i:  # a gap before j: stop at it
+            j = i + 1
+            while ids[j] == ids[j - 1] + 1:
+                j += 1
         yield ids[i], ids[j - 1] + 1
         i = j
 
