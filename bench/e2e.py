@@ -141,7 +141,7 @@ def main() -> None:
     p.add_argument("--limit", type=int, default=1, help="prompts per kind (default %(default)s)")
     p.add_argument("--tokens", type=int, default=128)
     p.add_argument("--ar-tokens", type=int, default=32)
-    p.add_argument("--max-context", type=int, default=None, help="llmcad's context window (default: the largest the budget allows); llama.cpp's is 2048")
+    p.add_argument("--max-context", type=int, default=None, help="every run's context window (default: the prompt plus --tokens, as `llmcad generate` sizes it under a budget)")
     p.add_argument("--modes", default=",".join(MODES))
     p.add_argument("--out", type=Path, default=RESULTS / "e2e.json")
     p.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
@@ -169,11 +169,12 @@ def main() -> None:
                 store = stores.get(precision) or next(iter(stores.values()))
                 raw = raw_read_gbps([store.layer_path(i) for i in range(store.config.num_layers)])
                 n = args.ar_tokens if name in ("ar", PEER) else args.tokens
+                ids = tokenizer.encode_chat([{"role": "user", "content": prompt["prompt"]}])
+                context = args.max_context or len(ids) + args.tokens  # the job's, as `llmcad generate` sizes it
                 if mode == PEER:
-                    ids = tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": prompt["prompt"]}]), add_special_tokens=False)
-                    row = run_peer(target, ids, budget, n)
+                    row = run_peer(target, ids, budget, n, context)
                 else:
-                    row = run(target, draft, store.path, mode, budget, prompt["prompt"], n, args.max_context)
+                    row = run(target, draft, store.path, mode, budget, prompt["prompt"], n, context)
                 row.update(budget_mb=budget / MB, kind=prompt["kind"], prompt_id=prompt["id"], mode=mode, precision=precision, raw_read_gbps=raw)
                 if "error" not in row:
                     per_token_read_s = row["bytes_per_verification"] / (raw * 1e9) / row["tokens_per_verification"]

@@ -124,7 +124,7 @@ def chat_prompts(prompts: list[dict], engines: dict, path: Path) -> dict[str, li
     """Each prompt's ids in the chat template: Engine.chat_prompt, or the same from the bare tokenizer."""
     engine = next((e.engine for e in engines.values() if isinstance(e, Llmcad)), None)
     tok = engine.tokenizer if engine else open_checkpoint(path).tokenizer
-    chat = engine.chat_prompt if engine else lambda m: tok.encode(tok.apply_chat_template(m), add_special_tokens=False)
+    chat = engine.chat_prompt if engine else tok.encode_chat
     return {q["id"]: chat([{"role": "user", "content": q["prompt"]}]) for q in prompts}
 
 

@@ -59,12 +59,16 @@ def release_free_memory() -> None:
 
 
 def activation_bytes(config: ModelConfig, max_len: int, rows: int, logit_rows: int) -> int:
-    """An upper estimate of the activations of one pass: `rows` tokens through a layer at a
-    time over `max_len` cache slots, and `logit_rows` rows of logits."""
+    """An upper estimate of one pass's activations: up to `max_len` tokens, run through a
+    layer `rows` at a time, then `logit_rows` rows of logits. The pass holds its hidden
+    states, rotary tables and attention mask throughout; a layer's temporaries are freed
+    before the head runs, so they and the logits count once, whichever is larger."""
     h, d, heads, kv = config.hidden_size, config.head_dim, config.num_heads, config.num_kv_heads
+    whole_pass = 4 * max_len * (h + 2 * d) + max_len * max_len  # fp32 hidden states, cos and sin; a bool mask
     per_layer = rows * (8 * h + 2 * (heads + 2 * kv) * d + 3 * config.intermediate_size)
     attention = 2 * heads * rows * max_len + 2 * kv * max_len * d  # float64 scores and probabilities, keys and values
-    return 4 * per_layer + 8 * attention + 4 * 2 * logit_rows * config.vocab_size
+    logits = 2 * logit_rows * config.vocab_size  # the head's int32 products and their fp32 result
+    return whole_pass + 4 * max(per_layer + 2 * attention, logits)
 
 
 @dataclass(frozen=True)

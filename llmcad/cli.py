@@ -10,7 +10,7 @@ import sys
 
 from llmcad import hub
 from llmcad.errors import LlmcadError
-from llmcad.engine import DEFAULT_FALLBACK, MODES, Engine, default_limits
+from llmcad.engine import DEFAULT_FALLBACK, MODES, Engine, default_limits, open_store
 from llmcad.fallback import FALLBACKS, TreeLimits
 from llmcad.quant import PRECISIONS
 
@@ -91,18 +91,19 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--draft-vocab", type=int, default=0, metavar="N", help="the draft proposes only the first N token ids and the special tokens: a smaller, faster draft head, fewer tokens accepted (default: 0, every token)")
     parser.add_argument("--memory-budget", default=None, metavar="SIZE", help="memory for the whole process, e.g. 1.5GB or 1000MB: the target is streamed from storage, keeping resident what fits (default: no limit, all resident)")
     parser.add_argument("--keep-page-cache", action="store_true", help="leave streamed pages in the OS page cache (default: drop them after use, as a device without spare RAM would)")
-    parser.add_argument("--max-context", type=int, default=None, metavar="N", help="KV cache size in tokens, prompt plus completion (default: 4096; under a budget the largest of 4096, 2048, 1024, 512 that fits)")
+    parser.add_argument("--max-context", type=int, default=None, metavar="N", help="KV cache size in tokens, prompt plus completion (default: 4096; under a budget, generate sizes it to the prompt plus --max-tokens, leaving the rest of the budget to resident layers, and serve takes the largest of 4096, 2048, 1024, 512 that fits)")
 
 
-def _load_engine(args: argparse.Namespace, progress: bool):
-    """The Engine the model options ask for; its memory plan is printed when a budget is set."""
+def _load_engine(args: argparse.Namespace, progress: bool, target=None, max_context: int | None = None):
+    """The Engine the model options ask for (`target` and `max_context` in place of the
+    options'); its memory plan is printed when a budget is set."""
     engine = Engine.load(
-        args.target,
+        target or args.target,
         draft=args.draft,
         mode=args.mode,
         precision=args.precision,
         draft_precision=args.draft_precision,
-        max_context=args.max_context,
+        max_context=max_context or args.max_context,
         memory_budget=args.memory_budget,
         keep_page_cache=args.keep_page_cache,
         fallback=args.fallback,
@@ -110,22 +111,25 @@ def _load_engine(args: argparse.Namespace, progress: bool):
         progress=progress,
     )
     if args.memory_budget is not None:
-        print(engine.plan.describe(), file=sys.stderr)
+        print(f"{engine.plan.describe()}\n  context window     {engine.max_context:7d} tokens", file=sys.stderr)
     return engine
 
 
 def _generate(args: argparse.Namespace) -> int:
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     progress = not args.json and sys.stderr.isatty()  # bars only on a terminal, never in a log
+    store = open_store(args.target, args.precision, progress)
+    ids = store.tokenizer.encode_chat([{"role": "user", "content": prompt}]) if args.chat else store.tokenizer.encode(prompt)
+    # under a budget the context is this job's: every slot more is memory a resident layer could use
+    context = args.max_context or (len(ids) + max(1, args.max_tokens) if args.memory_budget is not None else None)
     # closed on the way out: a reader thread still running at interpreter exit aborts it
-    with _load_engine(args, progress) as engine:
+    with _load_engine(args, progress, store, context) as engine:
         limits = default_limits(engine.mode, engine.tree_slots)
         if engine.mode == "sd":
             limits = TreeLimits.linear(args.draft_tokens)
         elif limits is not None:
             given = dict(max_nodes=args.tree_nodes, max_depth=args.tree_depth, width=args.tree_width, branch_threshold=args.branch_threshold)
             limits = dataclasses.replace(limits, **{k: v for k, v in given.items() if v is not None})
-        ids = engine.chat_prompt([{"role": "user", "content": prompt}]) if args.chat else engine.tokenizer.encode(prompt)
         options = dict(
             max_tokens=args.max_tokens,
             temperature=args.temperature,
@@ -140,7 +144,7 @@ def _generate(args: argparse.Namespace) -> int:
         )
         if args.json:
             result = engine.generate(ids, **options)
-            print(json.dumps({**result.to_dict(), "memory_plan": dataclasses.asdict(engine.plan)}, ensure_ascii=False))
+            print(json.dumps({**result.to_dict(), "memory_plan": dataclasses.asdict(engine.plan), "max_context": engine.max_context}, ensure_ascii=False))
             return 0
         for piece in engine.stream(ids, **options):
             sys.stdout.write(piece.text)

@@ -30,7 +30,10 @@ DEFAULT_PRECISION = "int8"
 DEFAULT_MAX_CONTEXT = 4096
 CONTEXTS_UNDER_BUDGET = (4096, 2048, 1024, 512)  # tried in turn when a budget is set and no context is
 MODES = ("ar", "sd", "tree", "llmcad")
-TREE_SLOTS = (64, 32)  # cache slots past the context for a token tree; the first that fits a budget
+TREE_SLOTS = 64  # cache slots past the context for a token tree
+# under a budget: a 64-node tree's logits and keys would cost the q4 pair 40 MB (1.4 target
+# layers), and its verification is compute-bound past 15-20 nodes on 2 cores anyway
+TREE_SLOTS_UNDER_BUDGET = 32
 EXTEND_PASSES = 3  # with the pipeline on: draft passes growing the tree on while the target verifies it
 DRAFT_ROWS = 16  # most nodes in one draft pass (TreeLimits.batch)
 DEFAULT_FALLBACK = "cost"  # the fastest by measurement (bench/e2e.py; docs/ARCHITECTURE.md)
@@ -64,7 +67,7 @@ class Engine:
         max_context: int,
         draft: Draft | None = None,
         mode: str | None = None,
-        tree_slots: int = TREE_SLOTS[0],
+        tree_slots: int = TREE_SLOTS,
         fallback: str = DEFAULT_FALLBACK,
     ):
         tokenizer = store.tokenizer
@@ -90,7 +93,7 @@ class Engine:
     @classmethod
     def load(
         cls,
-        target: str | os.PathLike = DEFAULT_TARGET,
+        target: str | os.PathLike | LayerStore = DEFAULT_TARGET,
         *,
         draft: str | os.PathLike | None = None,
         mode: str | None = None,
@@ -103,21 +106,25 @@ class Engine:
         draft_vocab: int | None = None,
         progress: bool = True,
     ) -> Engine:
-        """Load `target` (and `draft`): GGUF files, Hugging Face folders, layer stores or
-        default aliases (fetched on first use). The target is converted once to a layer
-        store in `precision` (cached under LLMCAD_HOME) and streamed from it; the draft is
-        loaded resident. `mode` is the default decoding mode: "ar" (target alone), "sd"
-        (linear draft), "tree" (fixed tree limits) or "llmcad" (tree grown until the `fallback`
-        policy, "fixed", "llmcad" or "cost", says verify). The default is "llmcad" with a
-        draft, else "ar".
+        """Load `target` (and `draft`): GGUF files, Hugging Face folders, layer stores (a
+        folder, or a `LayerStore` already opened) or default aliases (fetched on first use).
+        The target is converted once to a layer store in `precision` (cached under
+        LLMCAD_HOME) and streamed from it; the draft is loaded resident. `mode` is the
+        default decoding mode: "ar" (target alone), "sd" (linear draft), "tree" (fixed tree
+        limits) or "llmcad" (tree grown until the `fallback` policy, "fixed", "llmcad" or
+        "cost", says verify). The default is "llmcad" with a draft, else "ar".
 
         `memory_budget` (bytes, or text such as "1.5GB") bounds the whole process: the
         engine keeps as much of the target resident as fits and streams the rest; None
         keeps everything resident. `max_context` defaults to 4096 tokens, or under a budget
-        to the largest of 4096, 2048, 1024, 512 that fits (and with a draft, tree slots of 64
-        or else 32). Streamed layers are read past the OS page cache (O_DIRECT, or dropped
-        from it after use) unless `keep_page_cache`. With `draft_vocab` the draft proposes
-        only the first `draft_vocab` token ids and the special tokens (see `draft_head_ids`)."""
+        to the largest of 4096, 2048, 1024, 512 that fits (tree slots: 64, or 32 under a
+        budget). Every token of context costs KV cache and activation memory that a
+        budget would otherwise spend on resident layers (the q4 pair at 2000 MB keeps 13 of
+        28 layers with 4096 tokens, 27 with 512), so a caller who knows its job's length
+        should pass it. Streamed layers are read past the OS page cache (O_DIRECT, or
+        dropped from it after use) unless `keep_page_cache`. With `draft_vocab` the draft
+        proposes only the first `draft_vocab` token ids and the special tokens (see
+        `draft_head_ids`)."""
         budget = None if memory_budget is None else parse_size(memory_budget)
         if budget is not None:
             return_large_blocks_at_once()
@@ -147,8 +154,8 @@ class Engine:
         else:
             contexts = sorted({min(c, limit) for c in CONTEXTS_UNDER_BUDGET}, reverse=True)
         models = [store] + ([draft_state.model] if draft_state else [])
-        choices = [(c, s) for c in contexts for s in (TREE_SLOTS if draft_state else TREE_SLOTS[:1])]
-        for context, slots in choices:
+        slots = TREE_SLOTS if budget is None else TREE_SLOTS_UNDER_BUDGET
+        for context in contexts:
             try:
                 plan = plan_memory(
                     config,
@@ -161,13 +168,14 @@ class Engine:
                     # the draft's cache also holds what it grows while the target verifies
                     kv_cache=sum(KVCache.bytes_for(c.config, context + slots * (1 + i)) for i, c in enumerate(models)),
                     activations=sum(
-                        activation_bytes(c.config, context + slots, ROW_CHUNK, rows) for c, rows in zip(models, (slots, DRAFT_ROWS))
+                        # logits: a tree's rows (the target alone: one), a draft pass's rows
+                        activation_bytes(c.config, context + slots, ROW_CHUNK, rows) for c, rows in zip(models, (slots if draft_state else 1, DRAFT_ROWS))
                     )
                     + (slots * config.vocab_size * 2 if draft_state else 0),  # a sampled tree's draft distributions (fp16)
                 )
                 break
             except LlmcadError as e:
-                if (context, slots) == choices[-1]:
+                if context == contexts[-1]:
                     smallest = store.precision == "q4" and (draft is None or draft_precision == "q4")
                     raise LlmcadError(str(e) + ("" if smallest else ", or store the models in 4 bits (--precision q4 --draft-precision q4)")) from None
         if draft_state is not None:
@@ -278,7 +286,7 @@ class Engine:
 
     def chat_prompt(self, messages: list[dict]) -> list[int]:
         """Token ids of `messages` in the model's chat template, ready for the assistant's turn."""
-        return self.tokenizer.encode(self.tokenizer.apply_chat_template(messages), add_special_tokens=False)
+        return self.tokenizer.encode_chat(messages)
 
     def chat(self, messages: list[dict], **options) -> Generation:
         """Answer a conversation ([{"role": ..., "content": ...}, ...]) with the chat template."""
@@ -307,8 +315,11 @@ class Engine:
             )
 
 
-def open_store(target: str | os.PathLike, precision: str, progress: bool) -> LayerStore:
-    """The layer store of `target`: a store folder as is, else a model converted (once, then cached)."""
+def open_store(target: str | os.PathLike | LayerStore, precision: str, progress: bool) -> LayerStore:
+    """The layer store of `target`: a store (or store folder) as is, else a model converted
+    (once, then cached)."""
+    if isinstance(target, LayerStore):
+        return target
     path = resolve_model(target, progress=progress)
     if (path / "manifest.json").is_file():
         return LayerStore.open(path, progress=progress)

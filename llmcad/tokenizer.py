@@ -149,6 +149,10 @@ class Tokenizer:
         except jinja2.TemplateError as e:
             raise LlmcadError(f"{self.source}: chat template: {e}") from e
 
+    def encode_chat(self, messages: list[dict]) -> list[int]:
+        """Token ids of `messages` in the chat template, ready for the assistant's turn."""
+        return self.encode(self.apply_chat_template(messages), add_special_tokens=False)
+
     @cached_property
     def _template(self) -> jinja2.Template:
         """The chat template compiled as transformers does: sandboxed, with its helpers."""

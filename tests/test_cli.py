@@ -78,6 +78,7 @@ def runs(request, tmp_path_factory):
     runs.start("sampled", "generate", "--target", tiny, "--json", *fp32, *SAMPLED, PROMPT)
     runs.start("sampled_again", "generate", "--target", tiny, "--json", *fp32, *SAMPLED, PROMPT)
     runs.start("stream", "generate", "--target", tiny, *fp32, PROMPT)
+    runs.start("budget", "generate", "--target", tiny, "--json", "--memory-budget", "4GB", *fp32, PROMPT)
     runs.start("info", "info", tiny)
     runs.start("info_json", "info", "--json", gguf)
     runs.start("too_long", "generate", "--target", tiny, "--max-context", "64", "--max-tokens", "60", LONG_PROMPT)
@@ -197,6 +198,15 @@ def test_generate_json_matches_engine(runs, engine):
     assert out["tokens"] == expected.tokens
     assert out["text"] == expected.text
     assert out["prompt_tokens"] == engine.tokenizer.encode(PROMPT)
+
+
+def test_generate_sizes_the_context_to_the_job_under_a_budget(runs, engine):
+    """Under a budget the context holds the prompt and --max-tokens, no more: every slot
+    more is memory the target's layers could have. Without one it is the default."""
+    budgeted, unbounded = generated(runs["budget"]), generated(runs["json"])
+    assert budgeted["max_context"] == len(budgeted["prompt_tokens"]) + 8
+    assert budgeted["tokens"] == unbounded["tokens"]
+    assert unbounded["max_context"] == engine.max_context > budgeted["max_context"]
 
 
 def test_generate_chat_json_matches_engine(runs, engine):

@@ -53,7 +53,7 @@ def test_q4_pair_runs_llmcad_within_a_tight_budget():
     with Engine.load(DEFAULT_TARGET, precision="q4", progress=False) as target:
         expected = target.generate(prompt, max_tokens=24, ignore_eos=True).tokens
     models = ["--target", DEFAULT_TARGET, "--draft", DEFAULT_DRAFT, "--precision", "q4", "--draft-precision", "q4"]
-    budget = max(1000 * MB, minimum_budget(models) + 10 * MB)
+    budget = max(1000 * MB, minimum_budget([*models, "--max-tokens", "24"]) + 10 * MB)
     cmd = [sys.executable, "-m", "llmcad.cli", "generate", *models, "--memory-budget", str(budget), "--mode", "llmcad",
            "--max-tokens", "24", "--ignore-eos", "--json", prompt]
     if cgroup_unavailable() is None:

@@ -234,7 +234,7 @@ def test_engine_refuses_a_budget_below_its_minimum(tiny_llama):
 def test_streamed_engine_serializes_concurrent_generations(tiny_llama, fixed_runtime):
     """Two generations started at once on one streamed engine: both complete, each equal to
     its own run alone."""
-    engine = Engine.load(tiny_llama, progress=False)
+    engine = Engine.load(tiny_llama, memory_budget="100GB", progress=False)  # all resident, planned as under a budget
     engine.close()
     budget = engine.plan.total - engine.plan.resident_target + 2 * engine.store.layer_layout.nbytes  # the minimum
     with Engine.load(tiny_llama, memory_budget=budget, progress=False) as engine:
@@ -260,7 +260,7 @@ def test_streamed_engine_serializes_concurrent_generations(tiny_llama, fixed_run
 def test_timeline_records_reads_target_passes_and_draft_passes(tiny_llama, fixed_runtime):
     """With the timeline on, a streamed llmcad generation records the reader's reads, the
     target's passes and the draft's passes in both threads; off, nothing is kept."""
-    with Engine.load(tiny_llama, draft=tiny_llama, progress=False) as engine:
+    with Engine.load(tiny_llama, draft=tiny_llama, memory_budget="100GB", progress=False) as engine:
         budget = engine.plan.total - engine.plan.resident_target + 2 * engine.store.layer_layout.nbytes
     with Engine.load(tiny_llama, draft=tiny_llama, memory_budget=budget, progress=False) as engine:
         TIMELINE.start()
@@ -293,7 +293,7 @@ def test_budget_holds_in_a_memory_cgroup(smollm2, tmp_path):
     The budget is 10 MB above the minimum the CLI states, so the plan is tested where it is
     tightest. The runtime part of that minimum is measured, and varies: 231 MB here, 338 MB
     in a fresh virtual environment, whose libraries' pages the kernels map more of."""
-    budget = minimum_budget(["--target", str(smollm2)]) + 10 * MB
+    budget = minimum_budget(["--target", str(smollm2), "--max-tokens", "16"]) + 10 * MB
     store = ensure_store(open_checkpoint(smollm2), "int8")
     with Engine.load(smollm2, progress=False) as engine:
         expected = engine.generate("def fibonacci(n):", max_tokens=16, ignore_eos=True).tokens
