@@ -111,7 +111,7 @@ def _load_engine(args: argparse.Namespace, progress: bool, target=None, max_cont
         progress=progress,
     )
     if args.memory_budget is not None:
-        print(f"{engine.plan.describe()}\n  context window     {engine.max_context:7d} tokens", file=sys.stderr)
+        print(f"{engine.plan.describe()}\n  {'context window':<23}{engine.max_context:7d} tokens", file=sys.stderr)
     return engine
 
 
