@@ -90,9 +90,7 @@ def tied_head(embedding: nn.Module) -> nn.Module:
     """An output head that shares `embedding`'s matrix (and int8 scales): no second copy."""
     if isinstance(embedding, Int8Embedding):
         return Int8Linear(embedding.weight, embedding.scale)
-    head = nn.Linear(embedding.weight.shape[1], embedding.weight.shape[0], bias=False)
-    head.weight = embedding.weight
-    return head
+    return FloatLinear(embedding.weight)
 
 
 def quantize_q4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -36,15 +36,14 @@ from tqdm import tqdm
 from llmcad.config import ModelConfig
 from llmcad.errors import LlmcadError
 from llmcad.model import Block
-from llmcad.quant import PRECISIONS, linear_tensors, quantize_rows, vocab_precision
+from llmcad.quant import PRECISIONS, linear_tensors, vocab_precision
 from llmcad.tokenizer import Tokenizer
-from llmcad.weights import IGNORED_HF_TENSORS, Checkpoint
+from llmcad.weights import IGNORED_HF_TENSORS, Checkpoint, vocab_rows
 
 FORMAT = "llmcad-layer-store"
 VERSION = 1
 DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.int8: "I8", torch.uint8: "U8"}
 DTYPE_OF = {v: k for k, v in DTYPES.items()}
-EMBED_ROWS_PER_CHUNK = 8192  # rows converted at a time
 HASH_CHUNK = 16 << 20
 
 
@@ -322,23 +321,18 @@ def _split_layer_name(name: str, source: Path, num_layers: int) -> tuple[int, st
 def _write_matrix(ckpt: Checkpoint, name: str, path: Path, precision: str) -> dict:
     """An embedding-shaped matrix converted a slice of rows at a time: `weight`, then for
     int8 the per-row `scale`."""
-    precision = vocab_precision(precision)
     rows, cols = ckpt.config.vocab_size, ckpt.config.hidden_size
     scales: list[torch.Tensor] = []
 
     def chunks() -> Iterator[torch.Tensor]:
-        for start in range(0, rows, EMBED_ROWS_PER_CHUNK):
-            block = ckpt.rows(name, start, min(rows, start + EMBED_ROWS_PER_CHUNK))
-            if block.shape[1] != cols:
-                raise LlmcadError(f"{ckpt.path}: tensor {name!r} has {block.shape[1]} columns, expected {cols}")
-            if precision == "int8":
-                block, scale = quantize_rows(block)
+        for block, scale in vocab_rows(ckpt, name, precision):
+            if scale is not None:
                 scales.append(scale)
             yield block
         if scales:
             yield torch.cat(scales)
 
-    if precision == "int8":
+    if vocab_precision(precision) == "int8":
         if cols % 4:
             raise LlmcadError(f"{ckpt.path}: hidden size {cols} is not a multiple of 4")
         specs = [("weight", torch.int8, (rows, cols)), ("scale", torch.float32, (rows,))]

@@ -22,7 +22,7 @@ from llmcad.config import ModelConfig
 from llmcad.errors import LlmcadError
 from llmcad.gguf_file import GGUFFile, dequantize_tensor
 from llmcad.model import Transformer
-from llmcad.quant import PRECISIONS, Int8Embedding, Int8Linear, convert_submodule, quantize_rows, tied_head, vocab_precision
+from llmcad.quant import PRECISIONS, FloatLinear, Int8Embedding, Int8Linear, convert_submodule, quantize_rows, tied_head, vocab_precision
 from llmcad.tokenizer import Tokenizer
 
 GGUF_NAMES = {
@@ -166,28 +166,34 @@ def load_model(
     return model.eval()
 
 
-def _vocab_matrix(ckpt: Checkpoint, name: str, precision: str, as_head: bool = False, ids: Sequence[int] | None = None) -> nn.Module:
-    """The vocabulary matrix `name` (all rows, or the sorted `ids`) as an embedding or an
-    output head, converted to `precision` in slices of rows."""
-    precision = vocab_precision(precision)
+def vocab_rows(ckpt: Checkpoint, name: str, precision: str, ids: Sequence[int] | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+    """The vocabulary matrix `name` (all rows, or the sorted `ids`) a slice of rows at a
+    time, in the vocabulary precision of `precision`: (rows, their int8 scales or None)."""
     cols = ckpt.config.hidden_size
-    ids = range(ckpt.config.vocab_size) if ids is None else ids
-    weight = torch.empty(len(ids), cols, dtype=torch.int8 if precision == "int8" else torch.float32)
-    scale = torch.empty(len(ids))
-    at = 0
-    for start, stop in _row_slices(ids):
+    for start, stop in _row_slices(range(ckpt.config.vocab_size) if ids is None else ids):
         block = ckpt.rows(name, start, stop)
         if tuple(block.shape) != (stop - start, cols):
             raise LlmcadError(f"{ckpt.path}: tensor {name!r} has rows of {block.shape[-1]} values, expected {cols}")
-        rows = slice(at, at + stop - start)
-        if precision == "int8":
-            weight[rows], scale[rows] = quantize_rows(block)
-        else:
-            weight[rows] = block
+        yield quantize_rows(block) if vocab_precision(precision) == "int8" else (block, None)
+
+
+def _vocab_matrix(ckpt: Checkpoint, name: str, precision: str, as_head: bool = False, ids: Sequence[int] | None = None) -> nn.Module:
+    """The vocabulary matrix `name` (all rows, or the sorted `ids`) as an embedding or an
+    output head, converted to `precision` in slices of rows."""
+    int8 = vocab_precision(precision) == "int8"
+    count = ckpt.config.vocab_size if ids is None else len(ids)
+    weight = torch.empty(count, ckpt.config.hidden_size, dtype=torch.int8 if int8 else torch.float32)
+    scale = torch.empty(count)
+    at = 0
+    for block, block_scale in vocab_rows(ckpt, name, precision, ids):
+        rows = slice(at, at + len(block))
+        weight[rows] = block
+        if int8:
+            scale[rows] = block_scale
         at = rows.stop
     if as_head:
-        return Int8Linear(weight, scale) if precision == "int8" else _linear(weight)
-    return Int8Embedding(weight, scale) if precision == "int8" else nn.Embedding.from_pretrained(weight, freeze=True)
+        return Int8Linear(weight, scale) if int8 else FloatLinear(weight)
+    return Int8Embedding(weight, scale) if int8 else nn.Embedding.from_pretrained(weight, freeze=True)
 
 
 def _row_slices(ids: Sequence[int]) -> Iterator[tuple[int, int]]:
@@ -202,12 +208,6 @@ def _row_slices(ids: Sequence[int]) -> Iterator[tuple[int, int]]:
                 j += 1
         yield ids[i], ids[j - 1] + 1
         i = j
-
-
-def _linear(weight: torch.Tensor) -> nn.Linear:
-    head = nn.Linear(weight.shape[1], weight.shape[0], bias=False)
-    head.weight = nn.Parameter(weight, requires_grad=False)
-    return head
 
 
 def _assign(model: Transformer, name: str, tensor: torch.Tensor, precision: str, source: Path) -> None:
