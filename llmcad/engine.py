@@ -18,7 +18,7 @@ from llmcad.hub import DEFAULT_TARGET, resolve_model
 from llmcad.model import ROW_CHUNK, KVCache, Transformer
 from llmcad.quant import convert_submodule, vocab_precision
 from llmcad.sampling import Sampler, SamplingParams
-from llmcad.fallback import FALLBACKS, TreeLimits, make_fallback
+from llmcad.fallback import FALLBACKS, Fallback, TreeLimits, make_fallback
 from llmcad.speculative import SpeculativeDecoder
 from llmcad.store import LayerStore, ensure_store
 from llmcad.streaming import StreamedTransformer
@@ -211,7 +211,7 @@ class Engine:
         ignore_eos: bool = False,
         mode: str | None = None,
         limits: TreeLimits | None = None,
-        fallback: str | None = None,
+        fallback: str | Fallback | None = None,
         pipeline: bool = False,
         on_verify: Callable[[TokenTree, list[int]], None] | None = None,
     ) -> Iterator[Piece]:
@@ -219,17 +219,26 @@ class Engine:
         piece has the finish reason and the stats, and the first piece after each
         verification its `step` figures (tokens accepted, tree size, verification seconds,
         share of it waiting on IO). `mode`, the tree `limits` and the `fallback` policy
-        override the engine's defaults for this call. `pipeline` (mode llmcad) lets the draft
-        keep drafting during verification (off by default: on 2 cores it takes the CPU the
-        target's compute needs; see docs/ARCHITECTURE.md).
+        override the engine's defaults for this call; `fallback` may also be a policy object
+        (`llmcad.fallback`), used with its own limits and kept by the caller between calls.
+        `pipeline` (mode llmcad) lets the draft keep drafting during verification (off by
+        default: on 2 cores it takes the CPU the target's compute needs; see
+        docs/ARCHITECTURE.md).
         `on_verify(tree, accepted_path)` sees every tree."""
         ids = self._ids(prompt)
         params = SamplingParams(temperature, top_k, top_p, seed)
         mode = mode or self.mode
         self._check_mode(mode)
         fallback = fallback or (self.fallback if mode == "llmcad" else "fixed")
-        self._check_fallback(fallback)
-        limits = limits or default_limits(mode, self.tree_slots)
+        policy = fallback if isinstance(fallback, Fallback) and mode != "ar" else None
+        if not isinstance(fallback, Fallback):
+            self._check_fallback(fallback)
+        if mode == "ar":
+            limits = None
+        elif policy is not None:
+            limits = policy.limits
+        else:
+            limits = limits or default_limits(mode, self.tree_slots)
         if limits is not None and limits.max_nodes >= self.tree_slots:
             raise LlmcadError(f"a token tree holds at most {self.tree_slots - 1} drafted nodes here, asked for {limits.max_nodes}")
         if limits is not None and not 1 <= limits.batch <= DRAFT_ROWS:
@@ -237,8 +246,7 @@ class Engine:
         extend_passes = EXTEND_PASSES if pipeline and limits is not None else 0
         self._check_lengths(len(ids), max_tokens)
         stops = [stop] if isinstance(stop, str) else list(stop)
-        policy = None
-        if limits is not None:
+        if limits is not None and policy is None:
             if (fallback, limits) not in self._policies:
                 self._policies[fallback, limits] = make_fallback(fallback, limits)
             policy = self._policies[fallback, limits]

@@ -117,21 +117,22 @@ def test_a_draft_with_a_truncated_vocabulary_stays_lossless(pair_folders, ar_tok
     assert accepted > 0 and any(t >= 120 for case in CASES for t in ar_tokens[case])
 
 
-def test_the_fallback_sees_the_streaming_layers_compute_and_read_times(pair):
-    """The cost policy prices a verification from the target's own timings, so the decoder
-    passes them (this pair is resident: everything is compute, nothing is read)."""
+def test_a_policy_object_of_the_callers_decides_and_sees_the_streaming_layers_timings(pair, ar_tokens):
+    """`fallback` may be a policy object: the engine uses it with its own limits, and the
+    decoder hands it every verification with the target's own timings, which the cost
+    policy prices (this pair is resident: everything is compute, nothing is read)."""
     seen = []
 
     class Spy(Fallback):
         def observe(self, tree, path, verify_s, compute_s=None, read_s=0.0):
-            seen.append((verify_s, compute_s, read_s))
+            seen.append((tree.size - 1, verify_s, compute_s, read_s))
 
-    d = pair.draft
-    tokens = SpeculativeDecoder(pair.model, pair.cache, d.model, d.cache, Spy(TreeLimits()), SamplingParams()).generate(prompt_for(0, 4))
-    for _ in range(8):
-        next(tokens)
-    tokens.close()
-    assert seen and all(c is not None and 0 <= c <= v + 1e-3 and r == 0 for v, c, r in seen), seen
+    case = CASES[5]
+    result = pair.generate(prompt_for(*case), max_tokens=24, ignore_eos=True, mode="llmcad", fallback=Spy(TreeLimits(max_nodes=5, batch=2)))
+    assert result.tokens == ar_tokens[case]
+    assert len(seen) == result.stats.extra["verifications"] > 1
+    assert all(nodes <= 5 for nodes, *_ in seen)  # the policy's own limits, not the engine's
+    assert all(c is not None and 0 <= c <= v + 1e-3 and r == 0 for _, v, c, r in seen), seen
 
 
 # ---- sampling: goodness of fit on a 48-token vocabulary ------------------------------------
