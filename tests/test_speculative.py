@@ -13,6 +13,7 @@ from llmcad.config import ModelConfig
 from llmcad.engine import DEFAULT_FALLBACK, Engine
 from llmcad.errors import LlmcadError
 from llmcad.model import KVCache, Transformer
+from llmcad.quant import FloatLinear
 from llmcad.sampling import SamplingParams, probabilities
 from llmcad.fallback import ConfidenceFallback, CostFallback, Fallback, TreeLimits
 from llmcad.speculative import SpeculativeDecoder
@@ -226,10 +227,8 @@ def test_sampling_with_a_truncated_draft_vocabulary_preserves_the_target_distrib
     through the residual max(p - q, 0), with q zero there."""
     target, draft, expected = sampling_pair
     keep = torch.arange(VOCAB // 2)
-    head = torch.nn.Linear(draft.config.hidden_size, len(keep), bias=False)
-    head.weight = torch.nn.Parameter(draft.lm_head.weight[keep], requires_grad=False)
     truncated = tiny(1)  # the draft again, with another head
-    truncated.lm_head = VocabularySubsetHead(head, keep, VOCAB)
+    truncated.lm_head = VocabularySubsetHead(FloatLinear(draft.lm_head.weight[keep]), keep, VOCAB)
     p_values = fit_p_values(sampled_marginals(SpeculativeDecoder, target, truncated), expected)
     assert min(p_values) > 1e-3, p_values
 
