@@ -13,6 +13,7 @@ import json
 import os
 import random
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -30,6 +31,7 @@ from conftest import make_tiny_hf
 from llmcad.engine import Engine
 from llmcad.generate import GenerationStats
 from llmcad.server import MAX_BODY_BYTES, Metrics, Queue, make_server
+from tests.cgroup import minimum_budget
 
 ROOT = Path(__file__).resolve().parents[1]
 KEY = "sk-llmcad-test"
@@ -661,3 +663,56 @@ def test_metrics_sum_bytes_read_when_the_engine_reports_them():
     assert "\nllmcad_bytes_streamed_total 3500\n" in text
     assert "\nllmcad_generated_tokens_total 12\n" in text
     assert '\nllmcad_cancelled_total{reason="disconnect"} 1\n' in text
+
+
+# ---- a real model, streamed under a memory budget, with a draft ----------------------------------
+
+
+def test_serve_streams_a_real_target_under_a_budget_with_a_draft(smollm2):
+    """`llmcad serve --draft --memory-budget`: the plan is printed, the target is streamed
+    (bytes in /metrics), the greedy answer is the target's own, and Ctrl-C ends it cleanly."""
+    options = ["--target", str(smollm2), "--draft", str(smollm2), "--max-context", str(CONTEXT)]
+    budget = minimum_budget(options) + 10 * 2**20  # a few resident layers: most of the target streams
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "llmcad.cli", "serve", *options, "--memory-budget", str(budget), "--port", "0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # as from a terminal, even under a shell that ignores it
+    )
+    try:
+        line = proc.stdout.readline().decode()
+        url = re.search(r"at (http://127\.0\.0\.1:\d+/v1)", line)
+        assert url, line
+        port = int(url.group(1).rsplit(":", 1)[1].split("/")[0])
+        messages = [{"role": "user", "content": "Write a Python function that adds two numbers."}]
+        client = openai.OpenAI(base_url=url.group(1), api_key="none", max_retries=0, timeout=120)
+        answer = client.chat.completions.create(model=smollm2.name, messages=messages, max_tokens=24, **GREEDY, **NO_EOS)
+        client.close()
+        status, _, body = request(port, "GET", "/metrics", key=None)
+        assert status == 200
+    finally:
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=30)
+    stderr = stderr.decode()
+    assert proc.returncode == 130 and stderr.rstrip().endswith("llmcad: interrupted"), stderr[-2000:]
+    assert "Traceback" not in stderr, stderr
+    assert f"memory plan (budget {budget >> 20} MB" in stderr
+    per_pass_mb = int(re.search(r"streamed per pass\s+(\d+) MB", stderr).group(1))
+    assert per_pass_mb > 50
+
+    metrics = dict(line.rsplit(" ", 1) for line in body.decode().splitlines() if not line.startswith("#"))
+    verifications = int(metrics["llmcad_verifications_total"])
+    assert verifications > 0
+    assert int(metrics["llmcad_bytes_streamed_total"]) >= verifications * (per_pass_mb - 1) * 2**20
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with Engine.load(smollm2, max_context=CONTEXT, progress=False) as alone:  # the target alone, resident
+            expected = alone.generate(alone.chat_prompt(messages), max_tokens=24, ignore_eos=True, temperature=0)
+    finally:
+        torch.set_num_threads(threads)
+    assert answer.choices[0].message.content == expected.text
+    assert answer.usage.completion_tokens == len(expected.tokens) == 24
