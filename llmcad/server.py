@@ -298,7 +298,8 @@ class Queue:
                 self._cond.notify_all()
 
     def _retry_after(self) -> int:
-        """Seconds until the queue has likely drained by one place, at least 1."""
+        """Seconds until the requests waiting now have likely been served (from the mean
+        generation time), from 1 to 60."""
         return max(1, min(60, math.ceil(self._mean_s * (len(self._waiting) + 1))))
 
 

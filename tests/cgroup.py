@@ -8,6 +8,8 @@ import re
 import subprocess
 import sys
 import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -36,9 +38,11 @@ def _v2_base() -> Path | None:
     return None
 
 
-def run_limited(limit_bytes: int, cmd: list[str], **kwargs) -> tuple[subprocess.CompletedProcess, int]:
-    """Run `cmd` in a new memory cgroup of `limit_bytes`; returns the result and the
-    cgroup's peak usage in bytes (page cache included)."""
+@contextmanager
+def memory_cgroup(limit_bytes: int) -> Iterator[tuple[Callable[[], None], Callable[[], int]]]:
+    """A new memory cgroup of `limit_bytes`, removed on exit (its processes must have ended):
+    (a preexec_fn that moves the child into it, a function giving its peak usage in bytes,
+    page cache included)."""
     v1 = _v1_base()
     group = (v1 or _v2_base()) / f"llmcad-test-{uuid.uuid4().hex[:8]}"
     group.mkdir()
@@ -51,10 +55,16 @@ def run_limited(limit_bytes: int, cmd: list[str], **kwargs) -> tuple[subprocess.
             (group / "memory.swap.max").write_text("0")
             peak_file = group / "memory.peak"
         procs = group / "cgroup.procs"
-        result = subprocess.run(cmd, preexec_fn=lambda: procs.write_text(str(os.getpid())), **kwargs)
-        return result, int(peak_file.read_text())
+        yield (lambda: procs.write_text(str(os.getpid()))), (lambda: int(peak_file.read_text()))
     finally:
         group.rmdir()
+
+
+def run_limited(limit_bytes: int, cmd: list[str], **kwargs) -> tuple[subprocess.CompletedProcess, int]:
+    """Run `cmd` in a new memory cgroup of `limit_bytes`; returns the result and the
+    cgroup's peak usage in bytes (page cache included)."""
+    with memory_cgroup(limit_bytes) as (enter, peak):
+        return subprocess.run(cmd, preexec_fn=enter, **kwargs), peak()
 
 
 def minimum_budget(model_options: list[str]) -> int:
