@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -23,6 +24,17 @@ def load_prompts(kinds=KINDS, limit: int | None = None) -> list[dict]:
         lines = (PROMPTS / f"{kind}.jsonl").read_text(encoding="utf-8").splitlines()
         out += [json.loads(line) for line in lines if line.strip()][:limit]
     return out
+
+
+def pair_parser(doc: str) -> argparse.ArgumentParser:
+    """A parser for a benchmark of the model pair: --target, --draft and --kinds of prompts."""
+    from llmcad.hub import DEFAULT_DRAFT, DEFAULT_TARGET
+
+    p = argparse.ArgumentParser(description=doc.split("\n")[0])
+    p.add_argument("--target", default=DEFAULT_TARGET)
+    p.add_argument("--draft", default=DEFAULT_DRAFT)
+    p.add_argument("--kinds", default="code,chat")
+    return p
 
 
 def machine_info() -> dict:

@@ -24,13 +24,12 @@ import statistics
 import sys
 from pathlib import Path
 
-from common import RESULTS, load_prompts, machine_info, md_table, write_json
+from common import RESULTS, load_prompts, machine_info, md_table, pair_parser, write_json
 from stream import evict, run_in_budget
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from llmcad.budget import MB, parse_size  # noqa: E402
 from llmcad.fallback import ConfidenceFallback  # noqa: E402
-from llmcad.hub import DEFAULT_DRAFT, DEFAULT_TARGET  # noqa: E402
 from tests.cgroup import cgroup_unavailable  # noqa: E402
 
 PRECISION = "q4"  # the only pair that fits the tight budget
@@ -52,11 +51,8 @@ def one_run(args: argparse.Namespace) -> None:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--target", default=DEFAULT_TARGET)
-    p.add_argument("--draft", default=DEFAULT_DRAFT)
+    p = pair_parser(__doc__)
     p.add_argument("--budget", default="1000MB")
-    p.add_argument("--kinds", default="code,chat")
     p.add_argument("--rates", default="0.1,0.5,1.0")
     p.add_argument("--relaxes", default="0.5,1.0")
     p.add_argument("--repeats", type=int, default=1)

@@ -32,7 +32,7 @@ import statistics
 import sys
 from pathlib import Path
 
-from common import RESULTS, load_prompts, machine_info, md_table, write_json
+from common import RESULTS, load_prompts, machine_info, md_table, pair_parser, write_json
 from stream import evict, raw_read_gbps, run_in_budget, run_peer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -40,7 +40,7 @@ from llmcad.budget import MB, parse_size  # noqa: E402
 from llmcad.engine import DEFAULT_FALLBACK  # noqa: E402
 from llmcad.fallback import FALLBACKS  # noqa: E402
 from llmcad.timeline import TIMELINE  # noqa: E402
-from llmcad.hub import DEFAULT_DRAFT, DEFAULT_TARGET, resolve_model  # noqa: E402
+from llmcad.hub import resolve_model  # noqa: E402
 from llmcad.store import ensure_store  # noqa: E402
 from llmcad.weights import open_checkpoint  # noqa: E402
 from tests.cgroup import cgroup_unavailable  # noqa: E402
@@ -133,11 +133,8 @@ def add_speedups(runs: list[dict]) -> None:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--target", default=DEFAULT_TARGET)
-    p.add_argument("--draft", default=DEFAULT_DRAFT)
+    p = pair_parser(__doc__)
     p.add_argument("--budgets", default="1000MB,2000MB")
-    p.add_argument("--kinds", default="code,chat")
     p.add_argument("--limit", type=int, default=1, help="prompts per kind (default %(default)s)")
     p.add_argument("--tokens", type=int, default=128)
     p.add_argument("--ar-tokens", type=int, default=32)

@@ -34,12 +34,12 @@ from contextlib import ExitStack
 from pathlib import Path
 
 import openai
-from common import RESULTS, load_prompts, machine_info, md_table, median, write_json
+from common import RESULTS, load_prompts, machine_info, md_table, median, pair_parser, write_json
 from stream import evict
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from llmcad.budget import MB, parse_size  # noqa: E402
-from llmcad.hub import DEFAULT_DRAFT, DEFAULT_TARGET, resolve_model  # noqa: E402
+from llmcad.hub import resolve_model  # noqa: E402
 from llmcad.store import ensure_store  # noqa: E402
 from llmcad.weights import open_checkpoint  # noqa: E402
 from tests.cgroup import cgroup_unavailable, memory_cgroup  # noqa: E402
@@ -164,11 +164,8 @@ def disconnect(served: Served, prompt: dict) -> dict:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--target", default=DEFAULT_TARGET)
-    p.add_argument("--draft", default=DEFAULT_DRAFT)
+    p = pair_parser(__doc__)
     p.add_argument("--budget", default="1000MB")
-    p.add_argument("--kinds", default="code,chat")
     p.add_argument("--limit", type=int, default=2, help="prompts per kind (default %(default)s)")
     p.add_argument("--tokens", type=int, default=32, help="tokens per answer (default %(default)s)")
     p.add_argument("--clients", type=int, default=50, help="requests sent at once in a load round (default %(default)s)")
