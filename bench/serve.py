@@ -29,6 +29,7 @@ import re
 import subprocess
 import sys
 import time
+import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from pathlib import Path
@@ -68,8 +69,6 @@ class Served:
         return openai.OpenAI(base_url=self.base_url, api_key="none", max_retries=0, timeout=3600)
 
     def get(self, path: str) -> tuple[int, str]:
-        import urllib.request
-
         with urllib.request.urlopen(self.base_url.removesuffix("/v1") + path, timeout=60) as r:
             return r.status, r.read().decode()
 
