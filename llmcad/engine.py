@@ -230,15 +230,13 @@ class Engine:
         mode = mode or self.mode
         self._check_mode(mode)
         fallback = fallback or (self.fallback if mode == "llmcad" else "fixed")
-        policy = fallback if isinstance(fallback, Fallback) and mode != "ar" else None
-        if not isinstance(fallback, Fallback):
+        if isinstance(fallback, Fallback):
+            limits = fallback.limits  # a caller's policy decides within its own limits
+        else:
             self._check_fallback(fallback)
+            limits = limits or default_limits(mode, self.tree_slots)
         if mode == "ar":
             limits = None
-        elif policy is not None:
-            limits = policy.limits
-        else:
-            limits = limits or default_limits(mode, self.tree_slots)
         if limits is not None and limits.max_nodes >= self.tree_slots:
             raise LlmcadError(f"a token tree holds at most {self.tree_slots - 1} drafted nodes here, asked for {limits.max_nodes}")
         if limits is not None and not 1 <= limits.batch <= DRAFT_ROWS:
@@ -246,7 +244,10 @@ class Engine:
         extend_passes = EXTEND_PASSES if pipeline and limits is not None else 0
         self._check_lengths(len(ids), max_tokens)
         stops = [stop] if isinstance(stop, str) else list(stop)
-        if limits is not None and policy is None:
+        policy = None
+        if isinstance(fallback, Fallback) and limits is not None:
+            policy = fallback
+        elif limits is not None:
             if (fallback, limits) not in self._policies:
                 self._policies[fallback, limits] = make_fallback(fallback, limits)
             policy = self._policies[fallback, limits]

@@ -169,12 +169,12 @@ def load_model(
 def vocab_rows(ckpt: Checkpoint, name: str, precision: str, ids: Sequence[int] | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
     """The vocabulary matrix `name` (all rows, or the sorted `ids`) a slice of rows at a
     time, in the vocabulary precision of `precision`: (rows, their int8 scales or None)."""
-    cols = ckpt.config.hidden_size
+    cols, int8 = ckpt.config.hidden_size, vocab_precision(precision) == "int8"
     for start, stop in _row_slices(range(ckpt.config.vocab_size) if ids is None else ids):
         block = ckpt.rows(name, start, stop)
         if tuple(block.shape) != (stop - start, cols):
             raise LlmcadError(f"{ckpt.path}: tensor {name!r} has rows of {block.shape[-1]} values, expected {cols}")
-        yield quantize_rows(block) if vocab_precision(precision) == "int8" else (block, None)
+        yield quantize_rows(block) if int8 else (block, None)
 
 
 def _vocab_matrix(ckpt: Checkpoint, name: str, precision: str, as_head: bool = False, ids: Sequence[int] | None = None) -> nn.Module:

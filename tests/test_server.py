@@ -683,9 +683,9 @@ def test_serve_streams_a_real_target_under_a_budget_with_a_draft(smollm2):
     )
     try:
         line = proc.stdout.readline().decode()
-        url = re.search(r"at (http://127\.0\.0\.1:\d+/v1)", line)
+        url = re.search(r"at (http://127\.0\.0\.1:(\d+)/v1)", line)
         assert url, line
-        port = int(url.group(1).rsplit(":", 1)[1].split("/")[0])
+        port = int(url.group(2))
         messages = [{"role": "user", "content": "Write a Python function that adds two numbers."}]
         client = openai.OpenAI(base_url=url.group(1), api_key="none", max_retries=0, timeout=120)
         answer = client.chat.completions.create(model=smollm2.name, messages=messages, max_tokens=24, **GREEDY, **NO_EOS)
