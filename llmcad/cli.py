@@ -8,15 +8,23 @@ import json
 import os
 import sys
 
-from llmcad import hub
+from llmcad import hub, kernels
 from llmcad.errors import LlmcadError
-from llmcad.engine import DEFAULT_FALLBACK, MODES, Engine, default_limits, open_store
+from llmcad.engine import DEFAULT_FALLBACK, DEFAULT_PRECISION, MODES, Engine, default_limits, open_store
 from llmcad.fallback import FALLBACKS, TreeLimits
 from llmcad.quant import PRECISIONS
 
 
+PRECISION_HELP = (
+    "compute and storage precision: gguf (a GGUF's own quantized blocks on the native kernels; other sources in Q8_0), "
+    "q4 (PyTorch's 4-bit kernel), int8, fp32 (default: %(default)s)"
+)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if not kernels.available():
+        print(f"llmcad: {kernels.unavailable_reason()}; computing with PyTorch's kernels instead", file=sys.stderr)
     try:
         return args.run(args)
     except LlmcadError as e:
@@ -71,7 +79,7 @@ def _parser() -> argparse.ArgumentParser:
     conv = commands.add_parser("convert", help="write a model's layer store (the layout the target is streamed from)")
     conv.add_argument("model", metavar="MODEL", help="GGUF file, HF folder or alias")
     conv.add_argument("--out", default=None, metavar="DIR", help="store folder (default: the cache under LLMCAD_HOME that generate uses)")
-    conv.add_argument("--precision", choices=PRECISIONS, default="int8", help="storage and compute precision (default: %(default)s)")
+    conv.add_argument("--precision", choices=PRECISIONS, default=DEFAULT_PRECISION, help=PRECISION_HELP)
     conv.set_defaults(run=_convert)
 
     pull = commands.add_parser("pull", help="download and verify default models")
@@ -86,8 +94,8 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--draft", default=None, metavar="MODEL", help="draft model for speculative decoding")
     parser.add_argument("--mode", choices=MODES, default=None, help="ar: target alone; sd: linear draft; tree: token tree with fixed limits; llmcad: token tree grown until the fallback policy says verify (default: llmcad with --draft, else ar)")
     parser.add_argument("--fallback", choices=FALLBACKS, default=DEFAULT_FALLBACK, help="llmcad: when to stop drafting and verify; fixed: at the tree limits, llmcad: tree confidence against a self-adjusting threshold, cost: when expected accepted tokens per second would fall (default: %(default)s)")
-    parser.add_argument("--precision", choices=PRECISIONS, default="int8", help="target compute and storage precision (default: %(default)s)")
-    parser.add_argument("--draft-precision", choices=PRECISIONS, default="int8", help="draft compute precision (default: %(default)s)")
+    parser.add_argument("--precision", choices=PRECISIONS, default=DEFAULT_PRECISION, help="target " + PRECISION_HELP)
+    parser.add_argument("--draft-precision", choices=PRECISIONS, default=DEFAULT_PRECISION, help="draft " + PRECISION_HELP)
     parser.add_argument("--draft-vocab", type=int, default=0, metavar="N", help="the draft proposes only the first N token ids and the special tokens: a smaller, faster draft head, fewer tokens accepted (default: 0, every token)")
     parser.add_argument("--memory-budget", default=None, metavar="SIZE", help="memory for the whole process, e.g. 1.5GB or 1000MB: the target is streamed from storage, keeping resident what fits (default: no limit, all resident)")
     parser.add_argument("--keep-page-cache", action="store_true", help="leave streamed pages in the OS page cache (default: drop them after use, as a device without spare RAM would)")
@@ -240,7 +248,7 @@ def _convert(args: argparse.Namespace) -> int:
     out = args.out or store_path(ckpt, args.precision)
     store = LayerStore.open(convert(ckpt, out, args.precision, progress), verify=False)
     size = sum(f["bytes"] for f in store.files.values())
-    print(f"{store.path}: {store.config.num_layers} layers of {store.layer_layout.nbytes / 2**20:.1f} MB, {size / 2**20:.0f} MB in all ({args.precision})")
+    print(f"{store.path}: {store.config.num_layers} layers of {store.layer_bytes / 2**20:.1f} MB, {size / 2**20:.0f} MB in all ({args.precision})")
     return 0
 
 

@@ -16,6 +16,7 @@ from llmcad.errors import LlmcadError
 from llmcad.generate import Generation, GenerationStats, Piece, autoregressive, stream_text
 from llmcad.hub import DEFAULT_TARGET, resolve_model
 from llmcad.model import ROW_CHUNK, KVCache, Transformer
+from llmcad import kernels
 from llmcad.quant import convert_submodule, vocab_precision
 from llmcad.sampling import Sampler, SamplingParams
 from llmcad.fallback import FALLBACKS, Fallback, TreeLimits, make_fallback
@@ -26,7 +27,8 @@ from llmcad.tokenizer import Tokenizer
 from llmcad.tree import TokenTree
 from llmcad.weights import Checkpoint, load_model, open_checkpoint
 
-DEFAULT_PRECISION = "int8"
+# GGUF's own blocks on the native kernels where they were built; else PyTorch's int8
+DEFAULT_PRECISION = "gguf" if kernels.available() else "int8"
 DEFAULT_MAX_CONTEXT = 4096
 CONTEXTS_UNDER_BUDGET = (4096, 2048, 1024, 512)  # tried in turn when a budget is set and no context is
 MODES = ("ar", "sd", "tree", "llmcad")
@@ -126,6 +128,8 @@ class Engine:
         proposes only the first `draft_vocab` token ids and the special tokens (see
         `draft_head_ids`)."""
         budget = None if memory_budget is None else parse_size(memory_budget)
+        if "gguf" in (precision, draft_precision) and not kernels.available():
+            raise LlmcadError(f"precision gguf needs the native kernels: {kernels.unavailable_reason()}")
         if budget is not None:
             return_large_blocks_at_once()
         store = open_store(target, precision, progress)
@@ -160,7 +164,7 @@ class Engine:
                 plan = plan_memory(
                     config,
                     budget,
-                    layer_bytes=store.layer_layout.nbytes,
+                    layer_bytes=store.layer_bytes,
                     head_bytes=store.head_layout.nbytes,
                     embed_bytes=store.embed_layout.nbytes,
                     runtime=runtime,
@@ -176,8 +180,9 @@ class Engine:
                 break
             except LlmcadError as e:
                 if context == contexts[-1]:
-                    smallest = store.precision == "q4" and (draft is None or draft_precision == "q4")
-                    raise LlmcadError(str(e) + ("" if smallest else ", or store the models in 4 bits (--precision q4 --draft-precision q4)")) from None
+                    small = {"q4", "gguf"}  # the 4-bit precisions
+                    smallest = store.precision in small and (draft is None or draft_precision in small)
+                    raise LlmcadError(str(e) + ("" if smallest else ", or store the models in 4 bits (--precision gguf --draft-precision gguf)")) from None
         if draft_state is not None:
             draft_state.cache = KVCache(draft_state.model.config, context + 2 * slots)
         model = StreamedTransformer(store, plan, drop_page_cache=not keep_page_cache)

@@ -102,12 +102,22 @@ class GGUFFile:
 def dequantize_tensor(path: Path, tensor: GGUFTensor, rows: slice | None = None) -> np.ndarray:
     """`tensor` of the GGUF file at `path` as float32; only `rows` of a 2-D tensor if given
     (GGUF quantizes each row on its own, so a row range is a byte range)."""
+    raw = read_tensor(path, tensor, rows)
+    shape = (raw.shape[0], *tensor.shape[1:]) if rows is not None else tensor.shape
+    try:
+        return np.asarray(dequantize(raw, tensor.type), dtype=np.float32).reshape(shape)
+    except NotImplementedError:
+        raise LlmcadError(f"{path}: tensor {tensor.name} has unsupported type {tensor.type.name}") from None
+
+
+def read_tensor(path: Path, tensor: GGUFTensor, rows: slice | None = None) -> np.ndarray:
+    """The stored bytes of `tensor` (only `rows` of a 2-D tensor if given), one row of
+    blocks per row: uint8 [rows, bytes per row]."""
     shape = tensor.shape
     row_bytes = tensor.nbytes // max(1, int(np.prod(shape[:-1])))
     offset, nbytes = tensor.offset, tensor.nbytes
     if rows is not None:
         start, stop, _ = rows.indices(shape[0])
-        shape = (stop - start, *shape[1:])
         offset, nbytes = offset + start * row_bytes, (stop - start) * row_bytes
     raw = np.empty(nbytes, dtype=np.uint8)
     view, done = memoryview(raw), 0
@@ -117,10 +127,7 @@ def dequantize_tensor(path: Path, tensor: GGUFTensor, rows: slice | None = None)
             done += n
     if done != nbytes:
         raise LlmcadError(f"{path}: short read of tensor {tensor.name} (file truncated?)")
-    try:
-        return np.asarray(dequantize(raw.reshape(-1, row_bytes), tensor.type), dtype=np.float32).reshape(shape)
-    except NotImplementedError:
-        raise LlmcadError(f"{path}: tensor {tensor.name} has unsupported type {tensor.type.name}") from None
+    return raw.reshape(-1, row_bytes)
 
 
 def _string(buf: memoryview, pos: int) -> tuple[str, int]:

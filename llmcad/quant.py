@@ -26,15 +26,27 @@ q4 speculation is as exact as int8. It is as fast as int8 at one to four rows an
 six times slower at 32 (0.45 ms per row for a 1536x8960 matrix on one core): cheap reads,
 dearer large trees. The embedding and output head stay int8 (rows are looked up one at a
 time; the head sees every row of a tree).
+
+gguf computes a GGUF model's own quantized blocks as they are (Q4_K, Q6_K, Q8_0, Q5_0, the
+formats of a Q4_K_M file) with the native kernels of `llmcad.kernels`: converting such a
+model requantizes nothing, its output head included (Q6_K: 190 MB for the 1.5B target,
+against 233 MB in int8). A matrix of any other type, or a Hugging Face folder's, is
+quantized to Q8_0. Rows are independent here too (the kernels' per-row bit identity), so
+gguf speculation is exact. The embedding stays int8, as in q4.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-PRECISIONS = ("fp32", "int8", "q4")
+from llmcad import kernels
+
+PRECISIONS = ("fp32", "int8", "q4", "gguf")
 Q4_GROUP = 32  # input columns sharing one 4-bit scale and offset (a Q4_K sub-block)
 
 
@@ -141,26 +153,81 @@ class Q4Linear(nn.Module):
         return y.view(*shape[:-1], self.out_features)
 
 
-def linear_tensors(weight: torch.Tensor, bias: torch.Tensor | None, precision: str) -> dict[str, torch.Tensor]:
+@dataclass(frozen=True)
+class QuantBlocks:
+    """A matrix in GGUF's blocks as read from the file: `data` uint8 [rows, row bytes] of
+    `qtype` (a `kernels.QTYPES` name), `cols` weights a row."""
+
+    qtype: str
+    data: torch.Tensor
+    cols: int
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.data.shape[0], self.cols)
+
+    def float(self) -> torch.Tensor:
+        return kernels.dequantize(self.data, self.qtype, self.cols)
+
+
+class QuantLinear(nn.Module):
+    """y = x W^T + b with W in a GGUF block format (`blocks` uint8 [out, row bytes]), computed
+    by the native kernels."""
+
+    def __init__(self, qtype: str, blocks: torch.Tensor, bias: torch.Tensor | None = None):
+        super().__init__()
+        self.qtype, self.blocks, self.bias = qtype, blocks, bias
+        block, nbytes, _ = kernels.QTYPES[qtype]
+        self.out_features, self.in_features = blocks.shape[0], blocks.shape[1] // nbytes * block
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        y = kernels.matmul(x.reshape(-1, shape[-1]), self.blocks, self.qtype)
+        if self.bias is not None:
+            y += self.bias
+        return y.view(*shape[:-1], self.out_features)
+
+
+def quantize_q8_0(weight: torch.Tensor) -> torch.Tensor:
+    """GGUF Q8_0 blocks (uint8 [rows, cols / 32 * 34]) of an fp32 matrix, by the `gguf` package."""
+    from gguf import GGMLQuantizationType
+    from gguf.quants import quantize
+
+    return torch.from_numpy(np.ascontiguousarray(quantize(weight.float().numpy(), GGMLQuantizationType.Q8_0)))
+
+
+def linear_tensors(weight: torch.Tensor | QuantBlocks, bias: torch.Tensor | None, precision: str) -> dict[str, torch.Tensor]:
     """A linear layer's tensors as stored in `precision` (names relative to the layer):
     fp32 `weight`; int8 `weight` + `scale`; q4 `qweight` + `qscales` (int8 where the 4-bit
-    kernel does not take the shape); `bias` in fp32 when there is one."""
-    weight = weight.float()
-    if precision == "q4" and q4_fits(weight):
-        out = dict(zip(("qweight", "qscales"), quantize_q4(weight)))
-    elif precision in ("int8", "q4"):
-        out = dict(zip(("weight", "scale"), quantize_rows(weight)))
+    kernel does not take the shape); gguf the blocks under their type's name (`q4_k`, ...:
+    a GGUF matrix's own, else Q8_0, else int8 where Q8_0 does not take the shape); `bias` in
+    fp32 when there is one. `weight` may be GGUF blocks (`QuantBlocks`)."""
+    if precision == "gguf" and isinstance(weight, QuantBlocks):
+        out = {weight.qtype: weight.data}
+    elif precision == "gguf" and kernels.fits("q8_0", weight.shape[1]):
+        out = {"q8_0": quantize_q8_0(weight.float())}
     else:
-        out = {"weight": weight}
+        out = _unpacked_linear_tensors(weight.float(), precision)
     if bias is not None:
         out["bias"] = bias.float()
     return out
+
+
+def _unpacked_linear_tensors(weight: torch.Tensor, precision: str) -> dict[str, torch.Tensor]:
+    if precision == "q4" and q4_fits(weight):
+        return dict(zip(("qweight", "qscales"), quantize_q4(weight)))
+    if precision in ("int8", "q4", "gguf"):
+        return dict(zip(("weight", "scale"), quantize_rows(weight)))
+    return {"weight": weight}
 
 
 def linear_from(tensors: dict[str, torch.Tensor]) -> nn.Module:
     """The linear layer over `tensors` as `linear_tensors` names them (used as they are: views
     into a streaming buffer stay views)."""
     bias = tensors.get("bias")
+    qtype = next((name for name in tensors if name in kernels.QTYPES), None)
+    if qtype is not None:
+        return QuantLinear(qtype, tensors[qtype], bias)
     if "qweight" in tensors:
         return Q4Linear(tensors["qweight"], tensors["qscales"], bias)
     if "scale" in tensors:
@@ -181,8 +248,9 @@ class FloatLinear(nn.Module):
 
 
 def vocab_precision(precision: str) -> str:
-    """The precision of the vocabulary matrices (embedding, output head): q4 keeps them int8."""
-    return "int8" if precision == "q4" else precision
+    """The precision of the vocabulary matrices (embedding, output head): q4 keeps them
+    int8; gguf keeps the embedding int8 (an untied head keeps its GGUF blocks)."""
+    return "int8" if precision in ("q4", "gguf") else precision
 
 
 def to_precision(module: nn.Module, precision: str) -> nn.Module:

@@ -3,14 +3,16 @@
     manifest.json            config, precision, source, and every file's size and sha256
     tokenizer.json (+ .json) the tokenizer, as `Tokenizer.from_hf_folder` reads it
     layer_000.safetensors    one file per transformer layer; tensor names are relative to
-    ...                      the layer, so every layer file has the same header and offsets
+    ...                      the layer (layers of one precision have the same header,
+                             except where a gguf source mixes block types across layers)
     embed.safetensors        token embedding `weight` [vocab, hidden] (+ int8 `scale` [vocab])
     head.safetensors         output head, same layout (absent when tied to the embedding)
     norm.safetensors         final norm
 
 Tensors are stored in the compute layout of the store's precision (fp32: float32; int8:
 int8 weights with per-row fp32 scales; q4: the 4-bit kernel's packed codes with bf16 group
-scales, and int8 embedding and head; see quant.py), so a file read as is into a buffer
+scales, and int8 embedding and head; gguf: the GGUF's own blocks as uint8 rows named by
+their type, `q4_k` ..., an int8 embedding; see quant.py), so a file read as is into a buffer
 gives the tensors as aligned views, with no conversion per pass. Files are plain
 safetensors; they are written here a chunk at a time so that converting a model needs
 about one layer of memory, not the whole embedding.
@@ -36,7 +38,7 @@ from tqdm import tqdm
 from llmcad.config import ModelConfig
 from llmcad.errors import LlmcadError
 from llmcad.model import Block
-from llmcad.quant import PRECISIONS, linear_tensors, vocab_precision
+from llmcad.quant import PRECISIONS, QuantBlocks, linear_tensors, vocab_precision
 from llmcad.tokenizer import Tokenizer
 from llmcad.weights import IGNORED_HF_TENSORS, Checkpoint, vocab_rows
 
@@ -119,7 +121,7 @@ def layer_tensor_names(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     return {name: tuple(p.shape) for name, p in block.named_parameters()}
 
 
-def _layer_specs(tensors: dict[str, torch.Tensor], precision: str) -> list[tuple[str, torch.Tensor]]:
+def _layer_specs(tensors: dict[str, torch.Tensor | QuantBlocks], precision: str) -> list[tuple[str, torch.Tensor]]:
     """A layer's tensors in the compute layout, widest element type first (so every view is
     aligned: fp32, then bf16, then bytes)."""
     out = []
@@ -186,8 +188,15 @@ class LayerStore:
         return self.embed_path if self.config.tie_word_embeddings else self.path / "head.safetensors"
 
     @cached_property
-    def layer_layout(self) -> Layout:
-        return read_layout(self.layer_path(0))
+    def layer_layouts(self) -> list[Layout]:
+        """Each layer file's layout (a gguf store's layers may differ: Q4_K_M gives half the
+        layers Q6_K matrices where the others have Q4_K)."""
+        return [read_layout(self.layer_path(i)) for i in range(self.config.num_layers)]
+
+    @property
+    def layer_bytes(self) -> int:
+        """The largest layer file: what a streaming buffer must hold."""
+        return max(layout.nbytes for layout in self.layer_layouts)
 
     @cached_property
     def head_layout(self) -> Layout:
@@ -281,7 +290,7 @@ def _convert_into(ckpt: Checkpoint, folder: Path, precision: str, progress: bool
     seen_norm = False
     bar = tqdm(total=config.num_layers + 2, desc=f"converting {ckpt.path.name} to {precision}", unit="file", disable=not progress)
     with bar:
-        for name, tensor in ckpt.tensors(skip=matrices):
+        for name, tensor in ckpt.tensors(skip=matrices, blocks=precision == "gguf"):
             if name.endswith(IGNORED_HF_TENSORS):
                 continue
             if name == "norm.weight":
@@ -320,8 +329,12 @@ def _split_layer_name(name: str, source: Path, num_layers: int) -> tuple[int, st
 
 def _write_matrix(ckpt: Checkpoint, name: str, path: Path, precision: str) -> dict:
     """An embedding-shaped matrix converted a slice of rows at a time: `weight`, then for
-    int8 the per-row `scale`."""
+    int8 the per-row `scale`; a gguf head as its GGUF blocks (under its type's name) where
+    the kernels compute them."""
     rows, cols = ckpt.config.vocab_size, ckpt.config.hidden_size
+    blocks = ckpt.blocks(name) if precision == "gguf" and name == "lm_head.weight" else None
+    if blocks is not None:
+        return write_safetensors(path, [(blocks.qtype, torch.uint8, tuple(blocks.data.shape))], [blocks.data])
     scales: list[torch.Tensor] = []
 
     def chunks() -> Iterator[torch.Tensor]:

@@ -243,9 +243,10 @@ def make_block(store: LayerStore, views: dict[str, torch.Tensor]) -> Block:
 
 class StreamedLayers(nn.Module):
     """The target's layers for one pass, in order: resident blocks as they are, streamed
-    blocks as views into the buffer the reader filled."""
+    blocks as views into the buffer the reader filled (`slot_blocks[buffer][layer]`: layers
+    may differ in layout)."""
 
-    def __init__(self, num_layers: int, resident: dict[int, Block], slot_blocks: list[Block], reader: LayerReader | None):
+    def __init__(self, num_layers: int, resident: dict[int, Block], slot_blocks: list[dict[int, Block]], reader: LayerReader | None):
         super().__init__()
         self.num_layers = num_layers
         self.resident = nn.ModuleDict({str(i): b for i, b in resident.items()})
@@ -262,7 +263,7 @@ class StreamedLayers(nn.Module):
                 continue
             slot = self.reader.take()
             try:
-                yield self.slot_blocks[slot]
+                yield self.slot_blocks[slot][i]
             except GeneratorExit:  # the pass was abandoned: the reader is ahead of it
                 self.reader.restart()
                 raise
@@ -325,20 +326,20 @@ class StreamedTransformer(Transformer):
         self.norm.weight = nn.Parameter(store.norm(), requires_grad=False)
         self.io = IOStats()
         self.plan = plan
-        layout = store.layer_layout
-        resident = {i: make_block(store, layout.views(_read_file(store.layer_path(i), layout))) for i in plan.resident_layers}
-        units = [Unit(store.layer_path(i), ((0, layout.nbytes, 0),), layout.header) for i in range(config.num_layers) if i not in resident]
+        layouts = store.layer_layouts
+        resident = {i: make_block(store, layouts[i].views(_read_file(store.layer_path(i), layouts[i]))) for i in plan.resident_layers}
+        streamed = [i for i in range(config.num_layers) if i not in resident]
+        units = [Unit(store.layer_path(i), ((0, layouts[i].nbytes, 0),), layouts[i].header) for i in streamed]
         head = store.head_layout
         chunks = [] if plan.head_resident else _row_chunks(config.vocab_size, plan.head_rows_per_chunk)
         units += [_head_unit(store.head_path, head, start, stop) for start, stop in chunks]
         self.reader = None
-        slot_blocks: list[Block] = []
+        slot_blocks: list[dict[int, Block]] = []
         slot_heads: list[dict[int, nn.Module]] = []
         if units:
             buffers = [aligned_buffer(plan.buffer_bytes) for _ in range(2)]
             self.reader = LayerReader(units, buffers, self.io, drop_page_cache)
-            if len(resident) < config.num_layers:
-                slot_blocks = [make_block(store, layout.views(b)) for b in buffers]
+            slot_blocks = [{i: make_block(store, layouts[i].views(b)) for i in streamed} for b in buffers]
             sizes = {stop - start for start, stop in chunks}
             slot_heads = [{n: linear_from(_head_views(head, b, n)) for n in sizes} for b in buffers]
         self.layers = StreamedLayers(config.num_layers, resident, slot_blocks, self.reader)
@@ -395,9 +396,14 @@ def _row_chunks(rows: int, per_chunk: int) -> list[tuple[int, int]]:
     return [(a, min(rows, a + per_chunk)) for a in range(0, rows, per_chunk)]
 
 
+def _matrix_name(layout: Layout) -> str:
+    """The head file's matrix: `weight` (fp32, int8) or its GGUF block type (gguf)."""
+    return next(name for name, (_, shape, _, _) in layout.tensors.items() if len(shape) == 2)
+
+
 def _head_unit(path: Path, layout: Layout, start: int, stop: int) -> Unit:
     """Rows start:stop of the head: weight rows at buffer offset 0, then their scales."""
-    dtype, (_, dim), w_start, _ = layout.tensors["weight"]
+    dtype, (_, dim), w_start, _ = layout.tensors[_matrix_name(layout)]
     row = dim * dtype.itemsize
     ranges = [(w_start + start * row, (stop - start) * row, 0)]
     if "scale" in layout.tensors:
@@ -407,9 +413,10 @@ def _head_unit(path: Path, layout: Layout, start: int, stop: int) -> Unit:
 
 
 def _head_views(layout: Layout, buffer: torch.Tensor, rows: int) -> dict[str, torch.Tensor]:
-    dtype, (_, dim), _, _ = layout.tensors["weight"]
+    name = _matrix_name(layout)
+    dtype, (_, dim), _, _ = layout.tensors[name]
     n = rows * dim * dtype.itemsize
-    views = {"weight": buffer[:n].view(dtype).view(rows, dim)}
+    views = {name: buffer[:n].view(dtype).view(rows, dim)}
     if "scale" in layout.tensors:
         views["scale"] = buffer[n : n + rows * 4].view(torch.float32)
     return views

@@ -20,9 +20,23 @@ from tqdm import tqdm
 
 from llmcad.config import ModelConfig
 from llmcad.errors import LlmcadError
-from llmcad.gguf_file import GGUFFile, dequantize_tensor
+from llmcad.gguf_file import GGUFFile, GGUFTensor, dequantize_tensor, read_tensor
+from llmcad.kernels import QTYPES
 from llmcad.model import Transformer
-from llmcad.quant import PRECISIONS, FloatLinear, Int8Embedding, Int8Linear, convert_submodule, quantize_rows, tied_head, vocab_precision
+from llmcad.quant import (
+    PRECISIONS,
+    FloatLinear,
+    Int8Embedding,
+    Int8Linear,
+    QuantBlocks,
+    QuantLinear,
+    convert_submodule,
+    linear_from,
+    linear_tensors,
+    quantize_rows,
+    tied_head,
+    vocab_precision,
+)
 from llmcad.tokenizer import Tokenizer
 
 GGUF_NAMES = {
@@ -40,6 +54,7 @@ GGUF_NAMES = {
     "ffn_down": "mlp.down_proj",
 }
 IGNORED_HF_TENSORS = ("rotary_emb.inv_freq",)
+QTYPE_OF_GGML = {ggml: name for name, (_, _, ggml) in QTYPES.items()}
 
 
 @dataclass
@@ -52,9 +67,24 @@ class Checkpoint:
     tensor_count: int
     gguf: GGUFFile | None = None  # None for a Hugging Face folder
 
-    def tensors(self, skip: Container[str] = ()) -> Iterator[tuple[str, torch.Tensor]]:
-        """(name, fp32 tensor) pairs, one tensor in memory at a time; names in `skip` are not read."""
-        return _gguf_tensors(self, skip) if self.gguf is not None else _hf_tensors(self.path, skip)
+    def tensors(self, skip: Container[str] = (), blocks: bool = False) -> Iterator[tuple[str, torch.Tensor | QuantBlocks]]:
+        """(name, fp32 tensor) pairs, one tensor in memory at a time; names in `skip` are not
+        read. With `blocks`, a GGUF matrix in a type the native kernels compute comes as it is
+        stored (`QuantBlocks`)."""
+        return _gguf_tensors(self, skip, blocks) if self.gguf is not None else _hf_tensors(self.path, skip)
+
+    def blocks(self, name: str, ids: Sequence[int] | None = None) -> QuantBlocks | None:
+        """The matrix `name` (all rows, or the rows `ids`) in its GGUF blocks, if it is stored
+        in a type the native kernels compute; else None."""
+        tensor = self._gguf_tensor(name) if self.gguf is not None else None
+        qtype = None if tensor is None else QTYPE_OF_GGML.get(tensor.type.value)
+        if qtype is None:
+            return None
+        data = torch.from_numpy(read_tensor(self.gguf.path, tensor))
+        return QuantBlocks(qtype, data if ids is None else data[torch.as_tensor(ids)], tensor.shape[1])
+
+    def _gguf_tensor(self, name: str) -> GGUFTensor | None:
+        return next((t for t in self.gguf.tensors if _gguf_name(t.name) == name), None)
 
     def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
         """Rows `start:stop` of the 2-D tensor `name` in fp32: a 150k-row embedding is
@@ -65,7 +95,7 @@ class Checkpoint:
         """rows(start, stop) of tensor `name`, holding only the file's path (not its metadata)."""
         if self.gguf is None:
             return partial(_hf_rows, self.path, name)
-        tensor = next((t for t in self.gguf.tensors if _gguf_name(t.name) == name), None)
+        tensor = self._gguf_tensor(name)
         if tensor is None:
             raise LlmcadError(f"{self.path}: no tensor {name}")
         path = self.gguf.path  # not `self`: a closure over it would keep the metadata and tokenizer alive
@@ -153,13 +183,15 @@ def load_model(
         if shared:
             model.lm_head = tied_head(model.embed_tokens)  # one copy of the shared matrix
         else:
-            head = _vocab_matrix(ckpt, head_name, precision, as_head=True, ids=head_ids)
+            blocks = ckpt.blocks(head_name, head_ids) if precision == "gguf" else None
+            head = QuantLinear(blocks.qtype, blocks.data) if blocks else _vocab_matrix(ckpt, head_name, precision, as_head=True, ids=head_ids)
             model.lm_head = head if head_ids is None else VocabularySubsetHead(head, torch.tensor(head_ids), config.vocab_size)
         bar.update(len(VOCAB_MATRICES) - config.tie_word_embeddings)
-        for name, tensor in ckpt.tensors(skip=VOCAB_MATRICES):
+        linears: dict[str, dict[str, torch.Tensor | QuantBlocks]] = {}  # a linear's tensors until it has all
+        for name, tensor in ckpt.tensors(skip=VOCAB_MATRICES, blocks=precision == "gguf"):
             bar.update()
             if not name.endswith(IGNORED_HF_TENSORS):
-                _assign(model, name, tensor, precision, ckpt.path)
+                _assign(model, name, tensor, precision, ckpt.path, linears)
     missing = [n for n, p in model.named_parameters() if p.is_meta]
     if missing:
         raise LlmcadError(f"{ckpt.path}: missing tensors: {', '.join(missing[:5])}" + (" ..." if len(missing) > 5 else ""))
@@ -210,7 +242,9 @@ def _row_slices(ids: Sequence[int]) -> Iterator[tuple[int, int]]:
         i = j
 
 
-def _assign(model: Transformer, name: str, tensor: torch.Tensor, precision: str, source: Path) -> None:
+def _assign(model: Transformer, name: str, tensor: torch.Tensor | QuantBlocks, precision: str, source: Path, linears: dict) -> None:
+    """Put `tensor` in its place in `model`; a linear layer is built in `precision` once
+    `linears` (its pending tensors) holds its weight and any bias."""
     module_name, _, attr = name.rpartition(".")
     try:
         module = model.get_submodule(module_name)
@@ -220,6 +254,14 @@ def _assign(model: Transformer, name: str, tensor: torch.Tensor, precision: str,
     if not isinstance(expected, torch.Tensor) or tuple(expected.shape) != tuple(tensor.shape):
         shape = tuple(getattr(expected, "shape", ()))
         raise LlmcadError(f"{source}: tensor {name!r} has shape {tuple(tensor.shape)}, expected {shape}")
+    if isinstance(module, nn.Linear):
+        parts = linears.setdefault(module_name, {})
+        parts[attr] = tensor
+        if "weight" in parts and ("bias" in parts or module.bias is None):
+            parent, _, child = module_name.rpartition(".")
+            setattr(model.get_submodule(parent), child, linear_from(linear_tensors(parts["weight"], parts.get("bias"), precision)))
+            del linears[module_name]
+        return
     setattr(module, attr, nn.Parameter(tensor, requires_grad=False))
     if not _is_incomplete(module):
         convert_submodule(model, module_name, precision)
@@ -318,20 +360,27 @@ def _gguf_name(gguf_name: str) -> str:
     return f"{GGUF_NAMES.get(parts[0], parts[0])}.{parts[1]}"
 
 
-def _gguf_tensors(ckpt: Checkpoint, skip: Container[str]) -> Iterator[tuple[str, torch.Tensor]]:
+def _gguf_tensors(ckpt: Checkpoint, skip: Container[str], blocks: bool) -> Iterator[tuple[str, torch.Tensor | QuantBlocks]]:
     config = ckpt.config
     for t in ckpt.gguf.tensors:
         name = _gguf_name(t.name)
         if t.name == "rope_freqs.weight" or name in skip:
             continue
-        tensor = torch.from_numpy(ckpt.gguf.dequantize(t))
+        qtype = QTYPE_OF_GGML.get(t.type.value) if blocks and len(t.shape) == 2 else None
+        if qtype is not None:
+            tensor = QuantBlocks(qtype, torch.from_numpy(read_tensor(ckpt.gguf.path, t)), t.shape[1])
+        else:
+            tensor = torch.from_numpy(ckpt.gguf.dequantize(t))
         if config.arch == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
             heads = config.num_heads if "q_proj" in name else config.num_kv_heads
             tensor = _unpermute_rope(tensor, heads)
         yield name, tensor
 
 
-def _unpermute_rope(w: torch.Tensor, heads: int) -> torch.Tensor:
-    """llama.cpp stores Llama's q/k rows with rotary pairs interleaved; restore the HF layout."""
+def _unpermute_rope(w: torch.Tensor | QuantBlocks, heads: int) -> torch.Tensor | QuantBlocks:
+    """llama.cpp stores Llama's q/k rows with rotary pairs interleaved; restore the HF layout
+    (for blocks, a reordering of their rows: each row is quantized on its own)."""
+    if isinstance(w, QuantBlocks):
+        return replace(w, data=_unpermute_rope(w.data, heads).contiguous())
     rows, cols = w.shape
     return w.view(heads, rows // heads // 2, 2, cols).transpose(1, 2).reshape(rows, cols)

@@ -35,10 +35,10 @@ def plan_for(store: LayerStore, resident_layers: tuple[int, ...], head_resident:
     head_rows = max(1, config.vocab_size // 3)  # several head chunks per pass
     return MemoryPlan(
         budget=None, runtime=0, draft=0, kv_cache=0, activations=0,
-        layer_bytes=store.layer_layout.nbytes, head_bytes=store.head_layout.nbytes, embed_bytes=0,
+        layer_bytes=store.layer_bytes, head_bytes=store.head_layout.nbytes, embed_bytes=0,
         num_layers=config.num_layers, resident_layers=resident_layers, head_resident=head_resident,
         embed_resident=embed_resident,
-        buffer_bytes=max(store.layer_layout.nbytes, store.head_layout.nbytes // 3 + 64) if streamed else 0,
+        buffer_bytes=max(store.layer_bytes, store.head_layout.nbytes // 3 + 64) if streamed else 0,
         head_rows_per_chunk=head_rows,
     )
 
@@ -51,7 +51,7 @@ PLANS = {
 }
 
 
-@pytest.mark.parametrize("precision", ["fp32", "int8", "q4"])
+@pytest.mark.parametrize("precision", ["fp32", "int8", "q4", "gguf"])
 @pytest.mark.parametrize("plan_name", PLANS)
 def test_streamed_equals_resident(tiny_model, tmp_path, precision, plan_name):
     """Logits within 1e-5 and identical greedy tokens, prompt longer than one row chunk."""
@@ -173,7 +173,7 @@ def test_direct_reads_give_the_same_bytes_and_name_a_truncated_file(tmp_path):
 def test_layer_file_from_another_store_is_refused(tiny_llama, tmp_path):
     a = LayerStore.open(convert(open_checkpoint(tiny_llama), tmp_path / "a", "int8"))
     b = convert(open_checkpoint(tiny_llama), tmp_path / "b", "fp32")
-    (a.path / "layer_000.safetensors").write_bytes((b / "layer_000.safetensors").read_bytes()[: a.layer_layout.nbytes].ljust(a.layer_layout.nbytes, b"\0"))
+    (a.path / "layer_000.safetensors").write_bytes((b / "layer_000.safetensors").read_bytes()[: a.layer_bytes].ljust(a.layer_bytes, b"\0"))
     model = StreamedTransformer(a, plan_for(a, (), True))
     try:
         with pytest.raises(LlmcadError, match="layer_000.safetensors: unexpected content"):
@@ -214,7 +214,7 @@ def fixed_runtime(monkeypatch):
     monkeypatch.setattr("llmcad.engine.current_rss", lambda: 300 * MB)
 
 
-@pytest.mark.parametrize("precision", ["fp32", "int8", "q4"])
+@pytest.mark.parametrize("precision", ["fp32", "int8", "q4", "gguf"])
 def test_map_kernels_runs_for_any_config(tiny_llama, precision):
     """The miniature run before measuring the runtime must not trip on settings sized for
     the real model, such as GGUF per-pair rotary factors."""
@@ -223,12 +223,14 @@ def test_map_kernels_runs_for_any_config(tiny_llama, precision):
 
 
 def test_engine_refuses_a_budget_below_its_minimum(tiny_llama):
-    """The refusal states the minimum, and names q4 only when that would shrink something."""
-    with pytest.raises(LlmcadError, match="memory budget 50 MB is below the minimum.*--precision q4") as int8:
-        Engine.load(tiny_llama, memory_budget="50MB", progress=False)
-    with pytest.raises(LlmcadError, match="memory budget 50 MB is below the minimum") as q4:
-        Engine.load(tiny_llama, memory_budget="50MB", precision="q4", progress=False)
-    assert "q4" in str(int8.value) and "q4" not in str(q4.value)
+    """The refusal states the minimum, and names a 4-bit precision only when that would
+    shrink something."""
+    with pytest.raises(LlmcadError, match="memory budget 50 MB is below the minimum.*--precision gguf") as int8:
+        Engine.load(tiny_llama, memory_budget="50MB", precision="int8", progress=False)
+    for small in ("q4", "gguf"):
+        with pytest.raises(LlmcadError, match="memory budget 50 MB is below the minimum") as four_bits:
+            Engine.load(tiny_llama, memory_budget="50MB", precision=small, progress=False)
+        assert "--precision" in str(int8.value) and "--precision" not in str(four_bits.value)
 
 
 def test_streamed_engine_serializes_concurrent_generations(tiny_llama, fixed_runtime):
@@ -236,7 +238,7 @@ def test_streamed_engine_serializes_concurrent_generations(tiny_llama, fixed_run
     its own run alone."""
     engine = Engine.load(tiny_llama, memory_budget="100GB", progress=False)  # all resident, planned as under a budget
     engine.close()
-    budget = engine.plan.total - engine.plan.resident_target + 2 * engine.store.layer_layout.nbytes  # the minimum
+    budget = engine.plan.total - engine.plan.resident_target + 2 * engine.store.layer_bytes  # the minimum
     with Engine.load(tiny_llama, memory_budget=budget, progress=False) as engine:
         assert engine.plan.bytes_per_pass > 0
         prompts = ["def add(a, b):", "The quick brown fox"]
@@ -261,7 +263,7 @@ def test_timeline_records_reads_target_passes_and_draft_passes(tiny_llama, fixed
     """With the timeline on, a streamed llmcad generation records the reader's reads, the
     target's passes and the draft's passes in both threads; off, nothing is kept."""
     with Engine.load(tiny_llama, draft=tiny_llama, memory_budget="100GB", progress=False) as engine:
-        budget = engine.plan.total - engine.plan.resident_target + 2 * engine.store.layer_layout.nbytes
+        budget = engine.plan.total - engine.plan.resident_target + 2 * engine.store.layer_bytes
     with Engine.load(tiny_llama, draft=tiny_llama, memory_budget=budget, progress=False) as engine:
         TIMELINE.start()
         try:

@@ -1,0 +1,129 @@
+"""Native kernels for GGUF's quantized blocks: y = x W^T with W in Q4_K, Q6_K, Q8_0 or Q5_0.
+
+The C++ library (`qmatmul.cpp`, built by `pip install` as `_qmatmul*.so` beside this file
+and loaded with ctypes) quantizes each activation row to int8 on its own and multiplies it
+with the weights' blocks as they are stored, decoding each block once for all rows of a
+call. Every output row is bit-identical whatever the number of rows in the call and the
+thread count, so verifying a token tree reproduces one-token decoding exactly.
+
+Dispatch paths: `avx512` (AVX-512 F/BW/VL/VNNI), `avx2` (AVX2, FMA, F16C) and `portable`
+(plain C); the best one this CPU runs is used unless `LLMCAD_KERNEL_PATH` names another.
+Paths agree with `portable` to float rounding (`PATH_TOLERANCE`), each is bit-exact with
+itself. Without the library (`available()` is False, `unavailable_reason()` says why)
+`matmul` dequantizes with the `gguf` package and multiplies in fp32: correct, slow.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import importlib.machinery
+import os
+from functools import cache
+from pathlib import Path
+
+import numpy as np
+import torch
+
+# GGUF block types computed as they are: (weights per block, bytes per block, ggml type id)
+QTYPES = {"q4_k": (256, 144, 12), "q6_k": (256, 210, 14), "q8_0": (32, 34, 8), "q5_0": (32, 22, 6)}
+QTYPE_IDS = {name: i for i, name in enumerate(QTYPES)}  # the library's numbering
+PATHS = ("portable", "avx2", "avx512")
+PATH_ENV = "LLMCAD_KERNEL_PATH"
+PATH_TOLERANCE = 1e-4  # max |y_path - y_portable| / max |y_portable| over a matmul
+
+
+def row_bytes(qtype: str, cols: int) -> int:
+    """Bytes of one row of `cols` weights in `qtype`."""
+    block, nbytes, _ = QTYPES[qtype]
+    return cols // block * nbytes
+
+
+def fits(qtype: str, cols: int) -> bool:
+    return cols % QTYPES[qtype][0] == 0
+
+
+@cache
+def _library() -> tuple[ctypes.CDLL | None, str]:
+    here = Path(__file__).parent
+    found = [here / f"_qmatmul{suffix}" for suffix in importlib.machinery.EXTENSION_SUFFIXES]
+    found = [p for p in found if p.is_file()]
+    if not found:
+        return None, f"the native kernel library was not built ({here}/_qmatmul*.so missing; reinstall with a C++ compiler)"
+    try:
+        lib = ctypes.CDLL(str(found[0]))
+    except OSError as e:
+        return None, f"the native kernel library did not load ({e})"
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    lib.llmcad_paths.restype = ctypes.c_int
+    lib.llmcad_matmul.argtypes = [ctypes.c_int, ctypes.c_int, ptr, i64, i64, i64, ptr, i64, ptr, ctypes.c_int]
+    lib.llmcad_matmul.restype = ctypes.c_int
+    lib.llmcad_dequantize.argtypes = [ctypes.c_int, ptr, i64, i64, i64, ptr]
+    lib.llmcad_dequantize.restype = ctypes.c_int
+    return lib, ""
+
+
+def available() -> bool:
+    return _library()[0] is not None
+
+
+def unavailable_reason() -> str:
+    return _library()[1]
+
+
+def supported_paths() -> tuple[str, ...]:
+    """The dispatch paths this CPU runs (empty without the library)."""
+    lib = _library()[0]
+    if lib is None:
+        return ()
+    mask = lib.llmcad_paths()
+    return tuple(p for i, p in enumerate(PATHS) if mask >> i & 1)
+
+
+def active_path() -> str:
+    """The path `matmul` uses: `LLMCAD_KERNEL_PATH` if set, else the fastest supported."""
+    paths = supported_paths()
+    if not paths:
+        return "none"
+    forced = os.environ.get(PATH_ENV)
+    if forced:
+        if forced not in paths:
+            raise RuntimeError(f"{PATH_ENV}={forced}: this CPU or build runs only {', '.join(paths)}")
+        return forced
+    return paths[-1]
+
+
+def matmul(x: torch.Tensor, blocks: torch.Tensor, qtype: str, path: str | None = None) -> torch.Tensor:
+    """x [M, K] float32 times the [N, K] matrix held as `blocks` (uint8 [N, row_bytes]) -> [M, N]."""
+    x = x.contiguous().float()
+    rows, cols = x.shape
+    out = blocks.shape[0]
+    if blocks.shape[1] != row_bytes(qtype, cols) or not fits(qtype, cols):
+        raise ValueError(f"{qtype} blocks of {blocks.shape[1]} bytes a row do not hold {cols} columns")
+    lib = _library()[0]
+    if lib is None:
+        return x @ dequantize(blocks, qtype, cols).t()
+    path = path or active_path()
+    y = torch.empty(rows, out)
+    status = lib.llmcad_matmul(
+        PATHS.index(path), QTYPE_IDS[qtype], blocks.data_ptr(), blocks.shape[1], out, cols,
+        x.data_ptr(), rows, y.data_ptr(), torch.get_num_threads(),
+    )
+    if status:
+        raise ValueError(f"llmcad_matmul refused {qtype} [{out}, {cols}] on path {path}")
+    return y
+
+
+def dequantize(blocks: torch.Tensor, qtype: str, cols: int) -> torch.Tensor:
+    """The weights held as `blocks` (uint8 [N, row_bytes]) as float32 [N, cols]."""
+    lib = _library()[0]
+    if lib is None:
+        from gguf import GGMLQuantizationType
+        from gguf.quants import dequantize as gguf_dequantize
+
+        kind = GGMLQuantizationType(QTYPES[qtype][2])
+        return torch.from_numpy(np.asarray(gguf_dequantize(blocks.numpy(), kind), dtype=np.float32).reshape(-1, cols))
+    blocks = blocks.contiguous()
+    out = torch.empty(blocks.shape[0], cols)
+    if lib.llmcad_dequantize(QTYPE_IDS[qtype], blocks.data_ptr(), blocks.shape[1], blocks.shape[0], cols, out.data_ptr()):
+        raise ValueError(f"{qtype} blocks of {blocks.shape[1]} bytes a row do not hold {cols} columns")
+    return out

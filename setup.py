@@ -1,0 +1,23 @@
+"""Builds the native kernel library (llmcad/kernels/qmatmul.cpp) beside the package.
+
+It is a plain shared library loaded with ctypes (no Python or PyTorch headers, so it builds in
+seconds and needs no torch at build time); every SIMD path is compiled into it with function
+target attributes and picked at run time, so no -march flag ties it to the build machine. The
+extension is optional: without a C++ compiler the install succeeds and the engine uses
+PyTorch's own kernels (llmcad.kernels.unavailable_reason() says why).
+"""
+
+from setuptools import Extension, setup
+
+setup(
+    ext_modules=[
+        Extension(
+            "llmcad.kernels._qmatmul",
+            sources=["llmcad/kernels/qmatmul.cpp"],
+            language="c++",
+            extra_compile_args=["-O3", "-std=c++17", "-ffp-contract=off", "-fvisibility=hidden", "-pthread"],
+            extra_link_args=["-pthread"],
+            optional=True,
+        )
+    ]
+)
