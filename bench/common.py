@@ -9,7 +9,9 @@ import platform
 import statistics
 from pathlib import Path
 
+import llmcad  # noqa: F401  (first: it sets OpenMP's wait policy before PyTorch starts OpenMP)
 import torch
+from llmcad import kernels
 
 BENCH = Path(__file__).resolve().parent
 PROMPTS = BENCH / "prompts"
@@ -49,6 +51,8 @@ def machine_info() -> dict:
         "python": platform.python_version(),
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
+        "kernel_path": kernels.active_path(),
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
         "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
     }
 

@@ -14,14 +14,19 @@ pass per token, its rate does not change with length.
     python bench/e2e.py --budgets 1300MB --kinds code --limit 2
     python bench/e2e.py --modes ar,tree,llmcad,llmcad/llmcad,llmcad/fixed,llmcad/pipeline
     python bench/e2e.py --budgets 1000MB --modes ar@q4,llmcad@q4,llama.cpp
+    python bench/e2e.py --budgets 800MB,1000MB,1300MB,1600MB,2000MB,none \
+        --modes llama.cpp,llama.cpp+draft,ar,llmcad --out bench/results/sweep.json   # the budget sweep
 
 A mode may carry a variant after "/": a fallback policy (llmcad, cost, fixed; else the
 engine's default) or pipeline (drafting on during verification); and a precision after "@"
-for both models (int8 when absent; speedups are over `ar` in the same precision). `llama.cpp` is llama.cpp's plain
-decoding of the target's GGUF (llama-server, found as bench/llamacpp.py says), in the same
-cgroup, its server started by a standard-library-only wrapper.
+for both models (the engine's default when absent; speedups are over `ar` in the same
+precision). `llama.cpp` is llama.cpp's plain decoding of the target's GGUF, `llama.cpp+draft`
+its own speculative decoding with the same draft GGUF (llama-server -md, found as
+bench/llamacpp.py says), in the same cgroup, its server started by a standard-library-only
+wrapper. Budget `none` runs without a cgroup or a memory budget (everything resident).
 
-Writes bench/results/e2e.json and e2e.png (--out).
+Writes bench/results/e2e.json and e2e.png (--out); with more than two budgets the figure
+adds tokens/s against the budget, one line per mode and kind.
 """
 
 from __future__ import annotations
@@ -37,7 +42,7 @@ from stream import evict, raw_read_gbps, run_in_budget, run_peer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from llmcad.budget import MB, parse_size  # noqa: E402
-from llmcad.engine import DEFAULT_FALLBACK  # noqa: E402
+from llmcad.engine import DEFAULT_FALLBACK, DEFAULT_PRECISION  # noqa: E402
 from llmcad.fallback import FALLBACKS  # noqa: E402
 from llmcad.timeline import TIMELINE  # noqa: E402
 from llmcad.hub import resolve_model  # noqa: E402
@@ -45,15 +50,20 @@ from llmcad.store import ensure_store  # noqa: E402
 from llmcad.weights import open_checkpoint  # noqa: E402
 from tests.cgroup import cgroup_unavailable  # noqa: E402
 
-MODES = ("llama.cpp", "ar", "llmcad", "ar@q4", "sd@q4", "tree@q4", "llmcad@q4", "llmcad/llmcad@q4", "llmcad/pipeline@q4")
+MODES = ("llama.cpp", "llama.cpp+draft", "ar", "sd", "tree", "llmcad", "llmcad/llmcad", "llmcad/pipeline")
 PEER = "llama.cpp"
+PEERS = (PEER, "llama.cpp+draft")  # llama.cpp alone, and with the draft
 
 
 def parse_mode(spec: str) -> tuple[str, str, str]:
-    """"llmcad/cost@q4" -> ("llmcad", "cost", "q4"); the precision defaults to int8."""
+    """"llmcad/cost@q4" -> ("llmcad", "cost", "q4"); the precision defaults to the engine's."""
     rest, _, precision = spec.partition("@")
     mode, _, variant = rest.partition("/")
-    return mode, variant, precision or "int8"
+    return mode, variant, precision or DEFAULT_PRECISION
+
+
+def parse_budget(text: str) -> int | None:
+    return None if text == "none" else parse_size(text)
 
 
 def one_run(args: argparse.Namespace) -> None:
@@ -63,7 +73,7 @@ def one_run(args: argparse.Namespace) -> None:
     mode, variant, precision = parse_mode(args.mode)
     fallback = variant if variant in FALLBACKS else DEFAULT_FALLBACK
     draft = None if mode == "ar" else args.draft  # the baseline is the target alone, with the whole budget
-    with Engine.load(args.target, draft=draft, memory_budget=args.budget, fallback=fallback, precision=precision,
+    with Engine.load(args.target, draft=draft, memory_budget=parse_budget(args.budget), fallback=fallback, precision=precision,
                      draft_precision=precision, max_context=args.max_context, progress=False) as engine:
         ids = engine.chat_prompt([{"role": "user", "content": args.prompt}])
         steps, tokens, final = [], [], None
@@ -92,9 +102,9 @@ def one_verification(spans: list[tuple[str, float, float]]) -> list[tuple[str, f
     return [(lane, round(max(a, start) - start, 4), round(min(b, end) - start, 4)) for lane, a, b in spans if b > start and a < end]
 
 
-def run(target: Path, draft: Path, store: Path, mode: str, budget: int, prompt: str, tokens: int, context: int | None) -> dict:
+def run(target: Path, draft: Path, store: Path, mode: str, budget: int | None, prompt: str, tokens: int, context: int | None) -> dict:
     evict(store.iterdir())
-    cmd = [sys.executable, __file__, "--one", "--mode", mode, "--budget", str(budget), "--tokens", str(tokens),
+    cmd = [sys.executable, __file__, "--one", "--mode", mode, "--budget", str(budget or "none"), "--tokens", str(tokens),
            "--target", str(target), "--draft", str(draft), "--prompt", prompt] + (["--max-context", str(context)] if context else [])
     out, facts = run_in_budget(budget, cmd)
     if out is None:
@@ -126,9 +136,9 @@ def add_speedups(runs: list[dict]) -> None:
     for r in runs:
         if "error" in r:
             continue
-        ar = rate.get((r["budget_mb"], r["prompt_id"], "ar" if r["precision"] == "int8" else f"ar@{r['precision']}"))
+        ar = rate.get((r["budget_mb"], r["prompt_id"], "ar" if r["precision"] == DEFAULT_PRECISION else f"ar@{r['precision']}"))
         peer = rate.get((r["budget_mb"], r["prompt_id"], PEER))
-        r["speedup_vs_ar"] = r["tokens_per_s"] / ar if ar and r["mode"] != PEER else None
+        r["speedup_vs_ar"] = r["tokens_per_s"] / ar if ar and r["mode"] not in PEERS else None
         r["speedup_vs_llamacpp"] = r["tokens_per_s"] / peer if peer else None
 
 
@@ -150,7 +160,7 @@ def main() -> None:
         return one_run(args)
     target, draft = resolve_model(args.target), resolve_model(args.draft)
     modes = args.modes.split(",")
-    precisions = {parse_mode(m)[2] for m in modes if m != PEER} or {"int8"}
+    precisions = {parse_mode(m)[2] for m in modes if m not in PEERS} or {DEFAULT_PRECISION}
     stores = {p: ensure_store(open_checkpoint(target), p, progress=True) for p in sorted(precisions)}
     tokenizer = next(iter(stores.values())).tokenizer
     results = {"benchmark": "e2e", "machine": machine_info(), "settings": {k: str(v) for k, v in vars(args).items()},
@@ -158,21 +168,21 @@ def main() -> None:
                "peers": {"llama.cpp": "mode llama.cpp: plain decoding with llama-server (bench/llamacpp.py), same cgroup",
                          "airllm": "not installed", "transformers assisted generation": "not run (no disk-offload setup here)"},
                "runs": []}
-    for budget in [parse_size(b) for b in args.budgets.split(",")]:
+    for budget in [parse_budget(b) for b in args.budgets.split(",")]:
         for prompt in load_prompts(args.kinds.split(","), args.limit):
             for mode in modes:
                 name, _, precision = parse_mode(mode)
-                precision = None if mode == PEER else precision
+                precision = None if mode in PEERS else precision
                 store = stores.get(precision) or next(iter(stores.values()))
                 raw = raw_read_gbps([store.layer_path(i) for i in range(store.config.num_layers)])
-                n = args.ar_tokens if name in ("ar", PEER) else args.tokens
+                n = args.ar_tokens if name in ("ar", *PEERS) else args.tokens
                 ids = tokenizer.encode_chat([{"role": "user", "content": prompt["prompt"]}])
                 context = args.max_context or len(ids) + args.tokens  # the job's, as `llmcad generate` sizes it
-                if mode == PEER:
-                    row = run_peer(target, ids, budget, n, context)
+                if mode in PEERS:
+                    row = run_peer(target, ids, budget, n, context, draft if mode != PEER else None)
                 else:
                     row = run(target, draft, store.path, mode, budget, prompt["prompt"], n, context)
-                row.update(budget_mb=budget / MB, kind=prompt["kind"], prompt_id=prompt["id"], mode=mode, precision=precision, raw_read_gbps=raw)
+                row.update(budget_mb=budget / MB if budget else results["machine"]["memory_mb"], unconstrained=budget is None, kind=prompt["kind"], prompt_id=prompt["id"], mode=mode, precision=precision, raw_read_gbps=raw)
                 if "error" not in row:
                     per_token_read_s = row["bytes_per_verification"] / (raw * 1e9) / row["tokens_per_verification"]
                     row["efficiency"] = row["tokens_per_s"] * per_token_read_s if row["bytes_per_verification"] else None
@@ -195,13 +205,17 @@ def main() -> None:
     same_as_ar = lambda r, a: (a["budget_mb"], a["prompt_id"], a["precision"], parse_mode(a["mode"])[0]) == (r["budget_mb"], r["prompt_id"], r["precision"], "ar")  # noqa: E731
     results["tokens_identical_to_ar_prefix"] = all(
         r["tokens"][: len(a["tokens"])] == a["tokens"]
-        for r in ok if r["mode"] != PEER and parse_mode(r["mode"])[0] != "ar" for a in ok if same_as_ar(r, a)
+        for r in ok if r["mode"] not in PEERS and parse_mode(r["mode"])[0] != "ar" for a in ok if same_as_ar(r, a)
     )
     write_json(args.out, results)
     print(md_table(["budget MB", "kind", "mode", "tok/s", "x ar", "x llama.cpp", "tokens/verification", "efficiency", "peak RSS MB", "cgroup peak MB"],
-                   [[round(s["budget_mb"]), s["kind"], s["mode"], s["tokens_per_s"], s["speedup_vs_ar"], s["speedup_vs_llamacpp"],
+                   [[budget_label(s["budget_mb"], results), s["kind"], s["mode"], s["tokens_per_s"], s["speedup_vs_ar"], s["speedup_vs_llamacpp"],
                      s["tokens_per_verification"], s["efficiency"], s["peak_rss_mb"], s["cgroup_peak_mb"]] for s in summary]))
     plot(results, modes, args.out.with_suffix(".png"))
+
+
+def budget_label(budget_mb: float, results: dict) -> str:
+    return "none" if budget_mb == results["machine"]["memory_mb"] else f"{round(budget_mb)} MB"
 
 
 def plot(results: dict, modes: list[str], path: Path) -> None:
@@ -210,18 +224,30 @@ def plot(results: dict, modes: list[str], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (a, b, c) = plt.subplots(1, 3, figsize=(19, 4.5))
+    budgets = sorted({s["budget_mb"] for s in results["summary"]})
+    sweep = len(budgets) > 2
+    fig, axes = plt.subplots(1, 4 if sweep else 3, figsize=(25 if sweep else 19, 4.5))
+    a, b, c = axes[:3]
+    if sweep:  # tokens/s against the budget, evenly spaced, "none" last
+        d = axes[3]
+        for i, mode in enumerate(modes):
+            for kind, style in zip(sorted({s["kind"] for s in results["summary"]}), ("-", "--", ":", "-.")):
+                ys = [next((s["tokens_per_s"] for s in results["summary"] if (s["budget_mb"], s["kind"], s["mode"]) == (m, kind, mode)), None) for m in budgets]
+                d.plot(range(len(budgets)), ys, style, marker="o", color=f"C{i}", label=f"{mode} ({kind})")
+        d.set_xticks(range(len(budgets)), [budget_label(m, results) for m in budgets])
+        d.set(title="decode tokens/s against the memory budget", xlabel="budget", ylabel="tokens/s", yscale="log")
+        d.legend(fontsize=7)
     cells = sorted({(s["budget_mb"], s["kind"]) for s in results["summary"]})
     width = 0.8 / len(modes)
     for i, mode in enumerate(modes):
         values = [next((s["tokens_per_s"] for s in results["summary"] if (s["budget_mb"], s["kind"], s["mode"]) == (*c, mode)), 0) for c in cells]
         a.bar([x + i * width for x in range(len(cells))], values, width, label=mode)
-    a.set_xticks([x + 0.4 - width / 2 for x in range(len(cells))], [f"{round(m)} MB\n{k}" for m, k in cells])
+    a.set_xticks([x + 0.4 - width / 2 for x in range(len(cells))], [f"{budget_label(m, results)}\n{k}" for m, k in cells], fontsize=7)
     a.set(title="decode tokens/s (median)", ylabel="tokens/s")
     a.legend()
     for r in results["runs"]:
         if parse_mode(r.get("mode", ""))[:2] in (("tree", ""), ("llmcad", "")) and r.get("accepted_over_time"):  # the default variants
-            b.plot(r["accepted_over_time"], label=f"{r['mode']} {round(r['budget_mb'])} MB {r['kind']}", alpha=0.8)
+            b.plot(r["accepted_over_time"], label=f"{r['mode']} {budget_label(r['budget_mb'], results)} {r['kind']}", alpha=0.8)
     b.set(title="accepted tokens per verification", xlabel="verification")
     b.legend(fontsize=7)
     # the pipeline's run shows drafting overlapping verification; else the default llmcad
@@ -232,7 +258,7 @@ def plot(results: dict, modes: list[str], path: Path) -> None:
         for y, lane in enumerate(lanes):
             c.broken_barh([(a0, a1 - a0) for name, a0, a1 in shown["timeline"] if name == lane], (y - 0.4, 0.8), color=f"C{y}")
         c.set_yticks(range(len(lanes)), lanes, fontsize=8)
-        c.set(title=f"one step of {shown['mode']} ({round(shown['budget_mb'])} MB, {shown['kind']})",
+        c.set(title=f"one step of {shown['mode']} ({budget_label(shown['budget_mb'], results)}, {shown['kind']})",
               xlabel="seconds")
     fig.tight_layout()
     fig.savefig(path, dpi=110)

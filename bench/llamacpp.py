@@ -26,13 +26,15 @@ from pathlib import Path
 class LlamaServer:
     """llama-server on a free local port; /completion with the prompt as token ids."""
 
-    def __init__(self, binary: Path, path: Path, threads: int, context: int):
+    def __init__(self, binary: Path, path: Path, threads: int, context: int, draft: Path | None = None):
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
         self.url = f"http://127.0.0.1:{port}"
         self.log = tempfile.TemporaryFile()
         cmd = [binary, "-m", path, "-t", threads, "-c", context, "-np", "1", "--host", "127.0.0.1", "--port", port]
+        if draft is not None:  # llama.cpp's own speculative decoding with a draft model
+            cmd += ["-md", draft, "--spec-type", "draft-simple"]
         self.proc = subprocess.Popen([str(c) for c in cmd], stdout=self.log, stderr=subprocess.STDOUT)
         atexit.register(self.close)
         self.version = _version(binary)
@@ -119,11 +121,12 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=128)
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--context", type=int, default=4096)
+    p.add_argument("--draft", type=Path, default=None, help="a draft GGUF: llama.cpp's own speculative decoding")
     args = p.parse_args()
     binary, reason = find_llamacpp()
     if binary is None or "bench" in binary.name:
         sys.exit(f"llama-server not found: {reason or binary}")
-    server = LlamaServer(binary, args.model, args.threads, args.context)
+    server = LlamaServer(binary, args.model, args.threads, args.context, args.draft)
     try:
         print(json.dumps(server.run(json.loads(args.ids), args.tokens) | {"version": server.version}))
     finally:

@@ -3,8 +3,8 @@
 Greedy generation of exactly N new tokens (EOS ignored) for every prompt of the project's
 prompt set (bench/prompts/*.jsonl, one user message in the model's chat template), by:
 
-  llmcad-q4, llmcad-int8,   llmcad.Engine.load(target, precision=...), Engine.generate
-  llmcad-fp32
+  llmcad-gguf, llmcad-q4,   llmcad.Engine.load(target, precision=...), Engine.generate
+  llmcad-int8, llmcad-fp32
   transformers-fp32         AutoModelForCausalLM on the same GGUF (dequantized to fp32), generate()
   llama.cpp                 llama-server (per prompt, same token ids) or llama-bench (one synthetic
                             run), when found in $LLAMACPP_BIN (file or folder), PATH, or the folder
@@ -52,8 +52,8 @@ from llmcad.generate import peak_rss_mb
 from llmcad.hub import DEFAULT_TARGET, resolve_model
 from llmcad.weights import open_checkpoint
 
-ENGINES = ("llmcad-q4", "llmcad-int8", "llmcad-fp32", "transformers-fp32", "llama.cpp")
-QUANTIZED = ("q4", "int8")  # compared with fp32
+ENGINES = ("llmcad-gguf", "llmcad-q4", "llmcad-int8", "llmcad-fp32", "transformers-fp32", "llama.cpp")
+QUANTIZED = ("gguf", "q4", "int8")  # compared with fp32
 BASELINE = "transformers-fp32"
 WARMUP_TOKENS = 8
 

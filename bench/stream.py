@@ -71,12 +71,12 @@ def pure_compute_s_per_pass(target: Path, precision: str, tokens: int) -> tuple[
         return s.decode_s / (s.new_tokens - 1), engine.plan
 
 
-def run_in_budget(budget: int, cmd: list[str]) -> tuple[dict | None, dict]:
+def run_in_budget(budget: int | None, cmd: list[str]) -> tuple[dict | None, dict]:
     """Run `cmd` (with this repository importable) in a memory cgroup of `budget` bytes where
-    the machine allows one, else plainly. Returns its stdout parsed as JSON (None if it
-    failed) and {"cgroup_peak_mb", plus "error" if it failed}."""
+    the machine allows one (and a budget is given), else plainly. Returns its stdout parsed
+    as JSON (None if it failed) and {"cgroup_peak_mb", plus "error" if it failed}."""
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    if cgroup_unavailable() is None:
+    if budget is not None and cgroup_unavailable() is None:
         result, peak = run_limited(budget, cmd, capture_output=True, text=True, env=env)
     else:
         result, peak = subprocess.run(cmd, capture_output=True, text=True, env=env), None
@@ -86,13 +86,14 @@ def run_in_budget(budget: int, cmd: list[str]) -> tuple[dict | None, dict]:
     return json.loads(result.stdout), facts
 
 
-def run_peer(target: Path, ids: list[int], budget: int, tokens: int, context: int = 2048) -> dict:
-    """llama.cpp's plain decoding of the GGUF `target` in a memory cgroup of `budget` (the file
-    evicted from the page cache first): llama-server started by bench/llamacpp.py, which
-    imports only the standard library (python -S), so the wrapper adds little memory."""
-    evict([target])
+def run_peer(target: Path, ids: list[int], budget: int | None, tokens: int, context: int = 2048, draft: Path | None = None) -> dict:
+    """llama.cpp's decoding of the GGUF `target` (speculative with the GGUF `draft` if given) in
+    a memory cgroup of `budget` (the files evicted from the page cache first): llama-server
+    started by bench/llamacpp.py, which imports only the standard library (python -S), so
+    the wrapper adds little memory."""
+    evict([target] + ([draft] if draft else []))
     cmd = [sys.executable, "-S", str(Path(__file__).with_name("llamacpp.py")), "--model", str(target), "--ids", json.dumps(ids),
-           "--tokens", str(tokens), "--context", str(context)]
+           "--tokens", str(tokens), "--context", str(context)] + (["--draft", str(draft)] if draft else [])
     out, facts = run_in_budget(budget, cmd)
     if out is None:
         return facts

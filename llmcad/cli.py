@@ -176,24 +176,24 @@ def _serve(args: argparse.Namespace) -> int:
 
     if args.queue_size < 0 or args.request_timeout <= 0:
         raise LlmcadError("--queue-size must be >= 0 and --request-timeout > 0")
-    engine = _load_engine(args, sys.stderr.isatty())
-    try:
-        server = make_server(
-            engine,
-            args.host,
-            args.port,
-            model_ids=[args.target, engine.name] if args.target in hub.MODELS else [engine.name],
-            api_key=args.api_key,
-            queue_size=args.queue_size,
-            request_timeout=args.request_timeout,
-        )
-    except OSError as e:
-        raise LlmcadError(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}") from e
-    with server:
-        print(f"llmcad: serving {engine.name} ({engine.mode}, {engine.precision}, context {engine.max_context}) at {server.url}/v1", flush=True)
-        if args.api_key is None and args.host not in ("127.0.0.1", "localhost", "::1"):
-            print(f"llmcad: warning: {args.host} is reachable from other machines and no --api-key is set", file=sys.stderr)
-        server.serve_forever()
+    with _load_engine(args, sys.stderr.isatty()) as engine:  # its reader thread stops before the interpreter does
+        try:
+            server = make_server(
+                engine,
+                args.host,
+                args.port,
+                model_ids=[args.target, engine.name] if args.target in hub.MODELS else [engine.name],
+                api_key=args.api_key,
+                queue_size=args.queue_size,
+                request_timeout=args.request_timeout,
+            )
+        except OSError as e:
+            raise LlmcadError(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}") from e
+        with server:
+            print(f"llmcad: serving {engine.name} ({engine.mode}, {engine.precision}, context {engine.max_context}) at {server.url}/v1", flush=True)
+            if args.api_key is None and args.host not in ("127.0.0.1", "localhost", "::1"):
+                print(f"llmcad: warning: {args.host} is reachable from other machines and no --api-key is set", file=sys.stderr)
+            server.serve_forever()
     return 0
 
 

@@ -1,7 +1,9 @@
-"""The default pair (Qwen2.5-Coder 0.5B drafting for 1.5B, fetched on first use): greedy
-`sd`, `tree` and `llmcad` (both adaptive fallbacks, pipeline on) produce exactly the target's
-own greedy tokens on three prompts; in q4 the pair runs the whole loop inside a tight
-memory cgroup and still reproduces the target."""
+"""The default pair (Qwen2.5-Coder 0.5B drafting for 1.5B, fetched on first use) in the
+default precision, gguf (the files' own Q4_K, Q6_K, Q5_0 and Q8_0 blocks on the native
+kernels): greedy `sd`, `tree` and `llmcad` (both adaptive fallbacks, pipeline on) produce
+exactly the target's own greedy tokens on three prompts, on every kernel dispatch path this
+CPU runs; the pair runs the whole loop inside a tight memory cgroup and still reproduces
+the target."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import sys
 
 import pytest
 
+from llmcad import kernels
 from llmcad.budget import MB
 from llmcad.engine import Engine
 from llmcad.hub import DEFAULT_DRAFT, DEFAULT_TARGET
@@ -25,14 +28,14 @@ PROMPTS = [
 
 @pytest.fixture(scope="module")
 def engine() -> Engine:
-    return Engine.load(DEFAULT_TARGET, draft=DEFAULT_DRAFT, progress=False)  # both int8
+    return Engine.load(DEFAULT_TARGET, draft=DEFAULT_DRAFT, precision="gguf", draft_precision="gguf", progress=False)
 
 
 @pytest.mark.parametrize("prompt", PROMPTS)
 def test_speculation_reproduces_the_target(engine, prompt):
-    """Token for token, with no tolerance: int8 linears quantize each row on its own and
-    attention runs in float64, so a token's logits in a verification pass are the ones its
-    own decode step computes."""
+    """Token for token, with no tolerance: the kernels quantize each row on its own and give
+    it the same bits at any batch size, and attention runs in float64, so a token's logits
+    in a verification pass are the ones its own decode step computes."""
     ids = engine.chat_prompt([{"role": "user", "content": prompt}])
     expected = engine.generate(ids, max_tokens=32, ignore_eos=True, mode="ar").tokens
     for mode, options in (("sd", {}), ("tree", {}), ("llmcad", {"pipeline": True}), ("llmcad", {"fallback": "cost", "pipeline": True})):
@@ -41,18 +44,29 @@ def test_speculation_reproduces_the_target(engine, prompt):
         assert result.tokens == expected, mode
 
 
+@pytest.mark.parametrize("path", [p for p in kernels.supported_paths() if p != kernels.active_path()])
+def test_speculation_reproduces_the_target_on_every_kernel_path(engine, path, monkeypatch):
+    """The other dispatch paths (forced by LLMCAD_KERNEL_PATH; the active one is above):
+    each is bit-exact with itself across batch sizes, so trees reproduce decoding there too."""
+    monkeypatch.setenv(kernels.PATH_ENV, path)
+    ids = engine.chat_prompt([{"role": "user", "content": PROMPTS[0]}])
+    expected = engine.generate(ids, max_tokens=12, ignore_eos=True, mode="ar").tokens
+    for mode in ("tree", "llmcad"):
+        assert engine.generate(ids, max_tokens=12, ignore_eos=True, mode=mode).tokens == expected, mode
+
+
 @pytest.mark.slow
-def test_q4_pair_runs_llmcad_within_a_tight_budget():
-    """A small device's budget: the q4 pair (target streamed, draft resident), mode llmcad,
+def test_gguf_pair_runs_llmcad_within_a_tight_budget():
+    """A small device's budget: the gguf pair (target streamed, draft resident), mode llmcad,
     in a memory cgroup (where one can be made) of 1000 MB, or of the CLI's stated minimum
     plus 10 MB where that is more (the measured runtime varies: 303 MB here, 390 MB in a
     fresh virtual environment, whose library pages the kernels map more of). Not killed,
     under the budget, the target streamed, and the q4 target's own greedy tokens (computed
     fully resident in this process)."""
     prompt = "def merge_sorted(a, b):"
-    with Engine.load(DEFAULT_TARGET, precision="q4", progress=False) as target:
+    with Engine.load(DEFAULT_TARGET, precision="gguf", progress=False) as target:
         expected = target.generate(prompt, max_tokens=24, ignore_eos=True).tokens
-    models = ["--target", DEFAULT_TARGET, "--draft", DEFAULT_DRAFT, "--precision", "q4", "--draft-precision", "q4"]
+    models = ["--target", DEFAULT_TARGET, "--draft", DEFAULT_DRAFT, "--precision", "gguf", "--draft-precision", "gguf"]
     budget = max(1000 * MB, minimum_budget([*models, "--max-tokens", "24"]) + 10 * MB)
     cmd = [sys.executable, "-m", "llmcad.cli", "generate", *models, "--memory-budget", str(budget), "--mode", "llmcad",
            "--max-tokens", "24", "--ignore-eos", "--json", prompt]

@@ -9,6 +9,7 @@ import math
 import pytest
 import torch
 
+from llmcad import kernels
 from llmcad.config import ModelConfig
 from llmcad.engine import DEFAULT_FALLBACK, Engine
 from llmcad.errors import LlmcadError
@@ -79,6 +80,25 @@ def test_q4_speculation_reproduces_the_q4_target(tmp_path):
     for case in CASES[::2]:
         ar = engine.generate(prompt_for(*case), max_tokens=24, ignore_eos=True, mode="ar").tokens
         for mode in ("tree", "llmcad"):
+            result = engine.generate(prompt_for(*case), max_tokens=24, ignore_eos=True, mode=mode)
+            assert result.tokens == ar, (mode, case)
+            accepted += result.stats.extra["accepted_per_verification"]
+    assert accepted > 0
+
+
+@pytest.mark.parametrize("path", kernels.supported_paths())
+def test_gguf_speculation_reproduces_the_gguf_target(tmp_path, path, monkeypatch):
+    """The native kernels on each dispatch path (a Hugging Face folder converts to Q8_0
+    blocks): a verified tree reproduces decoding exactly, in every mode."""
+    monkeypatch.setenv(kernels.PATH_ENV, path)
+    target = make_tiny_hf(tmp_path / "target", "qwen2", seed=3)
+    draft = make_tiny_hf(tmp_path / "draft", "qwen2", seed=3, noise=0.03)
+    engine = Engine.load(target, draft=draft, precision="gguf", draft_precision="gguf", progress=False)
+    assert engine.precision == "gguf"
+    accepted = 0
+    for case in CASES[::2]:
+        ar = engine.generate(prompt_for(*case), max_tokens=24, ignore_eos=True, mode="ar").tokens
+        for mode in ("sd", "tree", "llmcad"):
             result = engine.generate(prompt_for(*case), max_tokens=24, ignore_eos=True, mode=mode)
             assert result.tokens == ar, (mode, case)
             accepted += result.stats.extra["accepted_per_verification"]

@@ -416,12 +416,12 @@ AVX512_FNS void columns_avx512(const Job& job, int64_t n0, int64_t n1) {
           int64_t first = g * 8;
           int blocks = (int)std::min<int64_t>(8, a.k / 32 - first);
           chunks = (blocks + 1) / 2;
-          alignas(64) float d[16];
           for (int c = 0; c < chunks; ++c) {
             __m256i half[2] = {_mm256_setzero_si256(), _mm256_setzero_si256()};
+            float d[2] = {0.f, 0.f};
             for (int h = 0; h < 2; ++h) {
               int j = 2 * c + h;
-              float dj = 0.f;
+              float& dj = d[h];
               if (j < blocks) {
                 if (qtype == Q8_0) {
                   const uint8_t* b = row + (first + j) * 34;
@@ -438,12 +438,12 @@ AVX512_FNS void columns_avx512(const Job& job, int64_t n0, int64_t n1) {
                   half[h] = _mm256_sub_epi8(v, _mm256_set1_epi8(16));
                 }
               }
-              for (int l = 0; l < 8; ++l) d[8 * h + l] = dj;
             }
             __m512i v = _mm512_inserti64x4(_mm512_castsi256_si512(half[0]), half[1], 1);
             AW[c] = _mm512_abs_epi8(v);
             NEG[c] = _mm512_movepi8_mask(v);
-            D[c] = _mm512_load_ps(d);
+            D[c] = _mm512_castpd_ps(_mm512_insertf64x4(_mm512_castps_pd(_mm512_set1_ps(d[0])),  // lanes of block 2c | 2c+1
+                                                       _mm256_castps_pd(_mm256_set1_ps(d[1])), 1));
           }
         }
         if (kquant) {

@@ -1,0 +1,100 @@
+"""The native kernels (llmcad.kernels) on every dispatch path this CPU runs: dequantization
+equals the gguf package's reference, products equal the dequantized fp32 product within the
+activations' int8 rounding, every path agrees with the portable one within PATH_TOLERANCE,
+and each output row is bit-identical whatever the rows in the call and the thread count."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType
+from gguf.quants import dequantize as gguf_dequantize
+from gguf.quants import quantize as gguf_quantize
+
+from llmcad import kernels
+
+pytestmark = pytest.mark.skipif(not kernels.available(), reason=kernels.unavailable_reason())
+PATHS = kernels.supported_paths() or ("portable",)
+SHAPES = [(48, 512), (40, 896), (160, 1536)]  # out x in; 896 = 3.5 super-blocks (the draft's width)
+
+
+def random_blocks(qtype: str, rows: int, cols: int, seed: int = 0) -> torch.Tensor:
+    """A matrix in `qtype`: the gguf package's own quantizer where it has one, else random
+    codes and scales (every bit pattern of the codes is a valid block)."""
+    rng = np.random.default_rng(seed)
+    kind = GGMLQuantizationType(kernels.QTYPES[qtype][2])
+    if qtype in ("q8_0", "q5_0"):
+        return torch.from_numpy(np.ascontiguousarray(gguf_quantize(rng.standard_normal((rows, cols)).astype(np.float32) * 0.02, kind)))
+    block, nbytes, _ = kernels.QTYPES[qtype]
+    raw = rng.integers(0, 256, (rows, cols // block, nbytes), dtype=np.uint8)
+    scales = lambda: (rng.random((rows, cols // block)) * 0.01 + 0.001).astype(np.float16).view(np.uint8).reshape(rows, -1, 2)
+    if qtype == "q4_k":
+        raw[..., 0:2], raw[..., 2:4] = scales(), scales()  # d, dmin
+    else:
+        raw[..., 208:210] = scales()  # q6_k's d
+    return torch.from_numpy(raw.reshape(rows, -1))
+
+
+def reference_weights(blocks: torch.Tensor, qtype: str, cols: int) -> torch.Tensor:
+    kind = GGMLQuantizationType(kernels.QTYPES[qtype][2])
+    return torch.from_numpy(np.asarray(gguf_dequantize(blocks.numpy(), kind), dtype=np.float32).reshape(-1, cols))
+
+
+def cases():
+    return [(q, n, k) for q in kernels.QTYPES for n, k in SHAPES if kernels.fits(q, k)]
+
+
+@pytest.mark.parametrize("qtype, rows, cols", cases())
+def test_dequantize_equals_the_gguf_reference(qtype, rows, cols):
+    blocks = random_blocks(qtype, rows, cols)
+    assert torch.equal(kernels.dequantize(blocks, qtype, cols), reference_weights(blocks, qtype, cols))
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("qtype, rows, cols", cases())
+def test_matmul_is_the_dequantized_product(path, qtype, rows, cols):
+    """Within the int8 rounding of the activations (per row, one scale per 256 values), and
+    within PATH_TOLERANCE of the portable path."""
+    blocks = random_blocks(qtype, rows, cols)
+    x = torch.randn(33, cols, generator=torch.Generator().manual_seed(1))
+    exact = x @ reference_weights(blocks, qtype, cols).t()
+    y = kernels.matmul(x, blocks, qtype, path)
+    assert ((y - exact).norm() / exact.norm()).item() < 0.012
+    portable = kernels.matmul(x, blocks, qtype, "portable")
+    assert ((y - portable).abs().max() / portable.abs().max()).item() < kernels.PATH_TOLERANCE
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("qtype", list(kernels.QTYPES))
+def test_rows_are_bit_identical_at_any_batch_and_thread_count(path, qtype):
+    """What speculation rests on: row r of a 128-row call equals row r computed alone, in
+    a call of any other size (tiles of 64 rows, odd remainders), with 1 or 2 threads."""
+    cols = 1536 if kernels.fits(qtype, 1536) else 896
+    blocks = random_blocks(qtype, 96, cols, seed=2)
+    x = torch.randn(128, cols, generator=torch.Generator().manual_seed(3))
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        full = kernels.matmul(x, blocks, qtype, path)
+        for count in (1, 2, 3, 7, 16, 63, 64, 65, 100):
+            assert torch.equal(kernels.matmul(x[:count], blocks, qtype, path), full[:count]), count
+        torch.set_num_threads(1)
+        assert torch.equal(kernels.matmul(x, blocks, qtype, path), full)
+        assert torch.equal(kernels.matmul(x[77:78], blocks, qtype, path), full[77:78])
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_matmul_refuses_blocks_that_do_not_hold_the_columns():
+    blocks = random_blocks("q4_k", 16, 512)
+    with pytest.raises(ValueError, match="do not hold"):
+        kernels.matmul(torch.randn(2, 768), blocks, "q4_k")
+
+
+def test_forced_path_must_be_supported(monkeypatch):
+    monkeypatch.setenv(kernels.PATH_ENV, "portable")
+    assert kernels.active_path() == "portable"
+    monkeypatch.setenv(kernels.PATH_ENV, "neon")
+    with pytest.raises(RuntimeError, match="runs only"):
+        kernels.active_path()
