@@ -16,6 +16,8 @@ native row count is checked bit-identical, row by row, with the 64-row call.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import argparse
 import time
 
@@ -44,7 +46,7 @@ def random_blocks(qtype: str, rows: int, cols: int, rng: np.random.Generator) ->
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--rounds", type=int, default=21)
-    p.add_argument("--out", default=str(RESULTS / "kernels.json"))
+    p.add_argument("--out", type=Path, default=RESULTS / "kernels.json")
     args = p.parse_args()
     rng = np.random.default_rng(0)
     out_features, in_features = SHAPE
@@ -87,7 +89,7 @@ def main() -> None:
     plot(results, args.out)
 
 
-def plot(results: dict, out: str) -> None:
+def plot(results: dict, out: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -104,7 +106,7 @@ def plot(results: dict, out: str) -> None:
     ax.set_title(f"{SHAPE[0]} x {SHAPE[1]} matmul, {torch.get_num_threads()} threads")
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
-    fig.savefig(out.removesuffix(".json") + ".png", dpi=110)
+    fig.savefig(out.with_suffix(".png"), dpi=110)
 
 
 if __name__ == "__main__":

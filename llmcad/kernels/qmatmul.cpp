@@ -236,6 +236,12 @@ void columns_portable(const Job& job, int64_t n0, int64_t n1) {
 // ---- AVX2 --------------------------------------------------------------------------------
 #define AVX2_FNS __attribute__((target("avx2,fma,f16c")))
 
+AVX2_FNS inline float half(const uint8_t* p) {  // fp16 -> float by F16C: exact, as fp16()
+  uint16_t h;
+  std::memcpy(&h, p, 2);
+  return _cvtsh_ss(h);
+}
+
 AVX2_FNS inline float hsum8(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -284,8 +290,8 @@ AVX2_FNS void columns_avx2(const Job& job, int64_t n0, int64_t n1) {
           alignas(32) int16_t off[16];
           for (int i = 0; i < 16; ++i) { S[i / 2][i % 2 * 8] = sc[i / 2]; off[i] = mn[i / 2]; }
           OFF = _mm256_load_si256((const __m256i*)off);
-          A = fp16(b);
-          B = fp16(b + 2);
+          A = half(b);
+          B = half(b + 2);
         } else if (qtype == Q6_K) {
           const uint8_t* b = row + g * 210;
           for (int h = 0; h < 2; ++h) {
@@ -300,20 +306,20 @@ AVX2_FNS void columns_avx2(const Job& job, int64_t n0, int64_t n1) {
           alignas(32) int16_t sc[16];
           for (int i = 0; i < 16; ++i) { sc[i] = (int8_t)b[192 + i]; S[i / 2][i % 2 * 8] = sc[i]; }
           OFF = _mm256_slli_epi16(_mm256_load_si256((const __m256i*)sc), 5);
-          A = B = fp16(b + 208);
+          A = B = half(b + 208);
         } else {
           int64_t first = g * 8;
           blocks = (int)std::min<int64_t>(8, a.k / 32 - first);
           for (int j = 0; j < blocks; ++j) {
             if (qtype == Q8_0) {
               const uint8_t* b = row + (first + j) * 34;
-              D[j] = fp16(b);
+              D[j] = half(b);
               W[j] = _mm256_loadu_si256((const __m256i*)(b + 2));
             } else {
               const uint8_t* b = row + (first + j) * 22;
               uint32_t qh;
               std::memcpy(&qh, b + 2, 4);
-              D[j] = fp16(b);
+              D[j] = half(b);
               __m128i qs = _mm_loadu_si128((const __m128i*)(b + 6));
               __m256i v = _mm256_set_m128i(_mm_srli_epi16(qs, 4), qs);
               v = _mm256_or_si256(_mm256_and_si256(v, m4), fifth_bits(qh));
@@ -399,8 +405,8 @@ AVX512_FNS void columns_avx512(const Job& job, int64_t n0, int64_t n1) {
           const __m256i pairs = _mm256_setr_epi16(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7);
           lane_scales = _mm256_permutexvar_epi16(pairs, _mm256_castsi128_si256(_mm_cvtepu8_epi16(_mm_loadl_epi64((const __m128i*)sc))));
           OFF = _mm256_permutexvar_epi16(pairs, _mm256_castsi128_si256(_mm_cvtepu8_epi16(_mm_loadl_epi64((const __m128i*)mn))));
-          A = fp16(b);
-          B = fp16(b + 2);
+          A = half(b);
+          B = half(b + 2);
         } else if (qtype == Q6_K) {
           const uint8_t* b = row + g * 210;
           for (int h = 0; h < 2; ++h) {
@@ -411,7 +417,7 @@ AVX512_FNS void columns_avx512(const Job& job, int64_t n0, int64_t n1) {
           }
           lane_scales = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)(b + 192)));
           OFF = _mm256_slli_epi16(lane_scales, 5);
-          A = B = fp16(b + 208);
+          A = B = half(b + 208);
         } else {
           int64_t first = g * 8;
           int blocks = (int)std::min<int64_t>(8, a.k / 32 - first);
@@ -425,13 +431,13 @@ AVX512_FNS void columns_avx512(const Job& job, int64_t n0, int64_t n1) {
               if (j < blocks) {
                 if (qtype == Q8_0) {
                   const uint8_t* b = row + (first + j) * 34;
-                  dj = fp16(b);
+                  dj = half(b);
                   half[h] = _mm256_loadu_si256((const __m256i*)(b + 2));
                 } else {
                   const uint8_t* b = row + (first + j) * 22;
                   uint32_t qh;
                   std::memcpy(&qh, b + 2, 4);
-                  dj = fp16(b);
+                  dj = half(b);
                   __m128i qs = _mm_loadu_si128((const __m128i*)(b + 6));
                   __m256i v = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(qs, 4), qs), _mm256_set1_epi8(0x0f));
                   v = _mm256_or_si256(v, _mm256_maskz_mov_epi8(qh, _mm256_set1_epi8(0x10)));
