@@ -9,7 +9,6 @@ import platform
 import statistics
 from pathlib import Path
 
-import llmcad  # noqa: F401  (first: it sets OpenMP's wait policy before PyTorch starts OpenMP)
 import torch
 from llmcad import kernels
 
@@ -52,7 +51,6 @@ def machine_info() -> dict:
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
         "kernel_path": kernels.active_path(),
-        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
         "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
     }
 

@@ -11,12 +11,12 @@ prompt set (bench/prompts/*.jsonl, one user message in the model's chat template
                             shared/tools/build-llamacpp installs to; else recorded as unavailable
 
 Each engine is loaded once and warmed up (8 tokens), then engines are interleaved per prompt
-(q4, int8, fp32, transformers, llama.cpp) so machine noise hits them alike. Per run: prompt tokens,
+(gguf, q4, int8, fp32, transformers, llama.cpp) so machine noise hits them alike. Per run: prompt tokens,
 prefill s (prompt in -> first new token out), decode s (first -> last new token: N-1 forwards)
 and decode tok/s = (N-1) / decode s, timed the same way for every engine. Summary: medians per
 engine and per kind, and each engine's median decode tok/s over transformers' (same run).
 
-Each quantized precision (int8, q4) against fp32, per prompt: greedy agreement
+Each quantized precision (gguf, q4, int8) against fp32, per prompt: greedy agreement
 teacher-forced on fp32's continuation (one forward over prompt + fp32's N tokens, argmax at
 each position vs fp32's token), the identical prefix of the free-running outputs, and the
 mean log-likelihood per token of fp32's continuation under fp32 and under the precision
@@ -275,7 +275,7 @@ def main() -> None:
             "chat_template": "engine.chat_prompt([{'role': 'user', 'content': prompt}])",
             "decode_tokens_per_s": "(N-1) / decode_s; decode_s runs from the first new token to the last",
             "quality": (
-                "per prompt, each llmcad precision in (q4, int8) vs fp32, teacher-forced on fp32's greedy continuation "
+                "per prompt, each llmcad precision in (gguf, q4, int8) vs fp32, teacher-forced on fp32's greedy continuation "
                 "in ONE forward over prompt + N tokens (engine.model(ids, arange(T), cache, 0)): greedy_agreement = "
                 "fraction of the N positions where the precision's argmax equals fp32's token; loglik_fp32 / loglik = "
                 "mean log p(fp32 token) per token under fp32 / the precision; identical_prefix = leading tokens shared "

@@ -16,7 +16,7 @@ from llmcad import kernels
 
 pytestmark = pytest.mark.skipif(not kernels.available(), reason=kernels.unavailable_reason())
 PATHS = kernels.supported_paths() or ("portable",)
-SHAPES = [(48, 512), (40, 896), (160, 1536)]  # out x in; 896 = 3.5 super-blocks (the draft's width)
+SHAPES = [(48, 512), (18, 512), (40, 896), (160, 1536)]  # out x in; 896 = 3.5 super-blocks (the draft's width)
 
 
 def random_blocks(qtype: str, rows: int, cols: int, seed: int = 0) -> torch.Tensor:
@@ -69,7 +69,8 @@ def test_matmul_is_the_dequantized_product(path, qtype, rows, cols):
 @pytest.mark.parametrize("qtype", list(kernels.QTYPES))
 def test_rows_are_bit_identical_at_any_batch_and_thread_count(path, qtype):
     """What speculation rests on: row r of a 128-row call equals row r computed alone, in
-    a call of any other size (tiles of 64 rows, odd remainders), with 1 or 2 threads."""
+    a call of any other size (tiles of 64 rows, odd remainders), with 1 or 2 threads, and
+    a column's value does not depend on where it falls among the columns a thread takes."""
     cols = 1536 if kernels.fits(qtype, 1536) else 896
     blocks = random_blocks(qtype, 96, cols, seed=2)
     x = torch.randn(128, cols, generator=torch.Generator().manual_seed(3))
@@ -82,6 +83,8 @@ def test_rows_are_bit_identical_at_any_batch_and_thread_count(path, qtype):
         torch.set_num_threads(1)
         assert torch.equal(kernels.matmul(x, blocks, qtype, path), full)
         assert torch.equal(kernels.matmul(x[77:78], blocks, qtype, path), full[77:78])
+        for first in (1, 3):  # every column shifted within the groups of columns decoded together
+            assert torch.equal(kernels.matmul(x, blocks[first:], qtype, path), full[:, first:])
     finally:
         torch.set_num_threads(threads)
 
@@ -98,3 +101,18 @@ def test_forced_path_must_be_supported(monkeypatch):
     monkeypatch.setenv(kernels.PATH_ENV, "neon")
     with pytest.raises(RuntimeError, match="runs only"):
         kernels.active_path()
+
+
+def test_own_thread_pool_gives_the_same_bits_as_pytorchs_threads():
+    """Where no OpenMP runtime is found the library splits columns over a pool of its own;
+    a column is computed the same way on any thread, so the bits do not change."""
+    lib = kernels._library()[0]
+    blocks = random_blocks("q4_k", 160, 1536)
+    x = torch.randn(20, 1536, generator=torch.Generator().manual_seed(4))
+    on_openmp = kernels.matmul(x, blocks, "q4_k")
+    lib.llmcad_use_openmp(None, None, None)
+    try:
+        assert torch.equal(kernels.matmul(x, blocks, "q4_k"), on_openmp)
+        assert torch.equal(kernels.matmul(x[:1], blocks, "q4_k"), on_openmp[:1])
+    finally:
+        lib.llmcad_use_openmp(*kernels._torch_openmp())

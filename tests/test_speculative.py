@@ -69,32 +69,21 @@ def test_greedy_equals_target_alone(pair, ar_tokens, setting):
     assert accepted > 0  # the draft is close enough that speculation did real work
 
 
-def test_q4_speculation_reproduces_the_q4_target(tmp_path):
-    """A q4 target verifies a tree in one pass; its 4-bit kernel computes each row on its
-    own, so verification gives what decoding gives and greedy speculation stays exact."""
-    target = make_tiny_hf(tmp_path / "target", "qwen2", seed=3)
-    draft = make_tiny_hf(tmp_path / "draft", "qwen2", seed=3, noise=0.03)
-    engine = Engine.load(target, draft=draft, precision="q4", draft_precision="q4", progress=False)
-    assert engine.precision == "q4"
-    accepted = 0
-    for case in CASES[::2]:
-        ar = engine.generate(prompt_for(*case), max_tokens=24, ignore_eos=True, mode="ar").tokens
-        for mode in ("tree", "llmcad"):
-            result = engine.generate(prompt_for(*case), max_tokens=24, ignore_eos=True, mode=mode)
-            assert result.tokens == ar, (mode, case)
-            accepted += result.stats.extra["accepted_per_verification"]
-    assert accepted > 0
+QUANTIZED = [("q4", None)] + [("gguf", path) for path in kernels.supported_paths()]
 
 
-@pytest.mark.parametrize("path", kernels.supported_paths())
-def test_gguf_speculation_reproduces_the_gguf_target(tmp_path, path, monkeypatch):
-    """The native kernels on each dispatch path (a Hugging Face folder converts to Q8_0
-    blocks): a verified tree reproduces decoding exactly, in every mode."""
-    monkeypatch.setenv(kernels.PATH_ENV, path)
+@pytest.mark.parametrize("precision, kernel_path", QUANTIZED, ids=[f"{p}-{k}" if k else p for p, k in QUANTIZED])
+def test_quantized_speculation_reproduces_the_quantized_target(tmp_path, precision, kernel_path, monkeypatch):
+    """A quantized target verifies a tree in one pass: q4's PyTorch kernel and the native
+    kernels on each dispatch path (gguf; a Hugging Face folder converts to Q8_0 blocks)
+    compute each row on their own, so verification gives what decoding gives and greedy
+    speculation stays exact."""
+    if kernel_path:
+        monkeypatch.setenv(kernels.PATH_ENV, kernel_path)
     target = make_tiny_hf(tmp_path / "target", "qwen2", seed=3)
     draft = make_tiny_hf(tmp_path / "draft", "qwen2", seed=3, noise=0.03)
-    engine = Engine.load(target, draft=draft, precision="gguf", draft_precision="gguf", progress=False)
-    assert engine.precision == "gguf"
+    engine = Engine.load(target, draft=draft, precision=precision, draft_precision=precision, progress=False)
+    assert engine.precision == precision
     accepted = 0
     for case in CASES[::2]:
         ar = engine.generate(prompt_for(*case), max_tokens=24, ignore_eos=True, mode="ar").tokens

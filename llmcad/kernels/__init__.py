@@ -10,7 +10,8 @@ Dispatch paths: `avx512` (AVX-512 F/BW/VL/VNNI), `avx2` (AVX2, FMA, F16C) and `p
 (plain C); the best one this CPU runs is used unless `LLMCAD_KERNEL_PATH` names another.
 Paths agree with `portable` to float rounding (`PATH_TOLERANCE`), each is bit-exact with
 itself. Without the library (`available()` is False, `unavailable_reason()` says why)
-`matmul` dequantizes with the `gguf` package and multiplies in fp32: correct, slow.
+`matmul` dequantizes with the `gguf` package and multiplies in fp32: a reference, correct
+but slow and not batch-invariant (the engine refuses precision gguf then).
 """
 
 from __future__ import annotations
@@ -59,7 +60,29 @@ def _library() -> tuple[ctypes.CDLL | None, str]:
     lib.llmcad_matmul.restype = ctypes.c_int
     lib.llmcad_dequantize.argtypes = [ctypes.c_int, ptr, i64, i64, i64, ptr]
     lib.llmcad_dequantize.restype = ctypes.c_int
+    lib.llmcad_use_openmp.argtypes = [ptr, ptr, ptr]
+    lib.llmcad_use_openmp.restype = None
+    lib.llmcad_use_openmp(*_torch_openmp())
     return lib, ""
+
+
+def _torch_openmp() -> tuple[int | None, int | None, int | None]:
+    """GOMP_parallel, omp_get_thread_num and omp_get_num_threads of the OpenMP runtime PyTorch
+    loaded (its own libgomp copy, or an Intel or LLVM runtime, which export the same entry
+    points), so the kernels' threads are PyTorch's threads; (None, None, None) where none is
+    found (the library then runs its own pool)."""
+    try:
+        maps = Path("/proc/self/maps").read_text()
+    except OSError:
+        return None, None, None
+    runtimes = sorted({line.split()[-1] for line in maps.splitlines() if "/lib" in line and any(n in line for n in ("libgomp", "libiomp", "libomp"))})
+    for path in runtimes:
+        try:
+            runtime = ctypes.CDLL(path)
+            return tuple(ctypes.cast(getattr(runtime, name), ctypes.c_void_p).value for name in ("GOMP_parallel", "omp_get_thread_num", "omp_get_num_threads"))
+        except (OSError, AttributeError):
+            continue
+    return None, None, None
 
 
 def available() -> bool:

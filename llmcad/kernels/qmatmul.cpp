@@ -8,8 +8,9 @@
 // Batch invariance: for every output (row m, column n) the kernel performs the same sequence
 // of operations whatever the number of rows in the call and whichever thread computes it.
 // A weight super-block is decoded once into registers and then multiplied with each row in
-// turn, every row by the same code with its own accumulator; threads split the columns,
-// never the reduction. So a token verified in a tree of 64 rows gets the bits it would get
+// turn (AVX-512 K-quants: four columns' super-blocks, so a row's activations are loaded once
+// for four columns), every (row, column) by the same code with its own accumulator; threads
+// split the columns, never the reduction. So a token verified in a tree of 64 rows gets the bits it would get
 // alone, on a given dispatch path (paths differ only in float summation order).
 //
 // Paths: portable C (the reference, any CPU), AVX2 (+FMA, F16C) and AVX-512 (F, BW, VL,
@@ -368,129 +369,162 @@ AVX2_FNS void columns_avx2(const Job& job, int64_t n0, int64_t n1) {
 // ---- AVX-512 (F, BW, VL, VNNI) --------------------------------------------------------------
 #define AVX512_FNS __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")))
 
+// One K-quant super-block of one column decoded: its 256 codes in four registers (64 each, in
+// the activations' order), the int16 scale of every maddubs lane, the offsets per 16 weights.
+struct KBlock {
+  __m512i w[4], s[4];
+  __m256i off;
+  float a, b;  // y += dx * (a * sum(s * w * x) - b * sum(off * xsum))
+};
+
+AVX512_FNS inline void decode_kquant_avx512(int qtype, const uint8_t* b, KBlock& o) {
+  const __m512i m4 = _mm512_set1_epi8(0x0f), m30 = _mm512_set1_epi8(0x30);
+  __m256i lane_scales;  // one int16 scale per 16 weights
+  if (qtype == Q4_K) {
+    const __m512i upper4 = _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_set1_epi16(4), 1);  // shift 0 | 4
+    alignas(32) uint8_t sc[8], mn[8];
+    q4k_scales(b + 4, sc, mn);
+    for (int c = 0; c < 4; ++c) {
+      __m512i v = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i*)(b + 16 + 32 * c)));
+      o.w[c] = _mm512_and_si512(_mm512_srlv_epi16(v, upper4), m4);
+    }
+    const __m256i pairs = _mm256_setr_epi16(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7);
+    lane_scales = _mm256_permutexvar_epi16(pairs, _mm256_castsi128_si256(_mm_cvtepu8_epi16(_mm_loadl_epi64((const __m128i*)sc))));
+    o.off = _mm256_permutexvar_epi16(pairs, _mm256_castsi128_si256(_mm_cvtepu8_epi16(_mm_loadl_epi64((const __m128i*)mn))));
+    o.a = half(b);
+    o.b = half(b + 2);
+  } else {  // Q6_K
+    const __m512i upper2 = _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_set1_epi16(2), 1);  // shift 0 | 2
+    const __m512i shl42 = _mm512_inserti64x4(_mm512_set1_epi16(4), _mm256_set1_epi16(2), 1);     // shift 4 | 2
+    for (int h = 0; h < 2; ++h) {
+      __m512i L = _mm512_loadu_si512((const void*)(b + 64 * h));
+      __m512i H = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i*)(b + 128 + 32 * h)));
+      o.w[2 * h] = _mm512_or_si512(_mm512_and_si512(L, m4), _mm512_and_si512(_mm512_sllv_epi16(H, shl42), m30));
+      o.w[2 * h + 1] = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(L, 4), m4), _mm512_and_si512(_mm512_srlv_epi16(H, upper2), m30));
+    }
+    lane_scales = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)(b + 192)));
+    o.off = _mm256_slli_epi16(lane_scales, 5);
+    o.a = o.b = half(b + 208);
+  }
+  const __m512i group = _mm512_srli_epi16(_mm512_set_epi16(31, 30, 29, 28, 27, 26, 25, 24, 23, 22, 21, 20, 19, 18, 17, 16,
+                                                           15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0), 3);
+  for (int c = 0; c < 4; ++c)  // lane i of chunk c holds weights 64c + 2i, 2i+1: group 4c + i/8
+    o.s[c] = _mm512_permutexvar_epi16(_mm512_add_epi16(_mm512_set1_epi16(4 * c), group), _mm512_castsi256_si512(lane_scales));
+}
+
+// Columns n..n+NC-1, rows m0..m1, K-quants: each super-block of the NC columns is decoded once,
+// then every row's activations are loaded once for all NC columns. Each (row, column) runs the
+// same instructions in the same order whatever NC, so NC is free to vary with the column count.
+template <int NC>
+AVX512_FNS void kquant_columns_avx512(const Job& job, int64_t n, int64_t m0, int64_t m1) {
+  const Activations& a = *job.a;
+  const int gbytes = group_bytes(job.qtype);
+  alignas(64) static thread_local float acc[ROW_TILE * NC * 16], acco[ROW_TILE * NC * 8];
+  std::memset(acc, 0, sizeof(float) * 16 * NC * (m1 - m0));
+  std::memset(acco, 0, sizeof(float) * 8 * NC * (m1 - m0));
+  KBlock blk[NC];
+  for (int64_t g = 0; g < a.groups; ++g) {
+    for (int c = 0; c < NC; ++c) {
+      const uint8_t* b = job.w + (n + c) * job.row_bytes + g * gbytes;
+      for (int l = 0; l < gbytes; l += 64) _mm_prefetch((const char*)(b + PREFETCH + l), _MM_HINT_T0);
+      decode_kquant_avx512(job.qtype, b, blk[c]);
+    }
+    for (int64_t r = m0; r < m1; ++r) {
+      const int8_t* x = a.qrow(r) + g * SUPER;
+      const float dx = a.drow(r)[g];
+      __m512i xv[4];
+      for (int k = 0; k < 4; ++k) xv[k] = _mm512_loadu_si512((const void*)(x + 64 * k));
+      const __m256i xsums = _mm256_loadu_si256((const __m256i*)(a.srow(r) + g * 16));
+      for (int c = 0; c < NC; ++c) {
+        __m512i sumi = _mm512_setzero_si512();
+        for (int k = 0; k < 4; ++k) sumi = _mm512_dpwssd_epi32(sumi, _mm512_maddubs_epi16(blk[c].w[k], xv[k]), blk[c].s[k]);
+        __m256i offs = _mm256_madd_epi16(blk[c].off, xsums);
+        float* ar = acc + 16 * (NC * (r - m0) + c);
+        float* aor = acco + 8 * (NC * (r - m0) + c);
+        _mm512_store_ps(ar, _mm512_fmadd_ps(_mm512_cvtepi32_ps(sumi), _mm512_set1_ps(blk[c].a * dx), _mm512_load_ps(ar)));
+        _mm256_store_ps(aor, _mm256_fmadd_ps(_mm256_cvtepi32_ps(offs), _mm256_set1_ps(blk[c].b * dx), _mm256_load_ps(aor)));
+      }
+    }
+  }
+  for (int64_t r = m0; r < m1; ++r)
+    for (int c = 0; c < NC; ++c) {
+      float s = _mm512_reduce_add_ps(_mm512_load_ps(acc + 16 * (NC * (r - m0) + c)));
+      job.y[r * job.n + n + c] = s - hsum8(_mm256_load_ps(acco + 8 * (NC * (r - m0) + c)));
+    }
+}
+
 AVX512_FNS void columns_avx512(const Job& job, int64_t n0, int64_t n1) {
   const Activations& a = *job.a;
   const int qtype = job.qtype;
-  const bool kquant = qtype == Q4_K || qtype == Q6_K;
+  if (qtype == Q4_K || qtype == Q6_K) {
+    constexpr int NC = 4;  // columns sharing each row's activation loads
+    for (int64_t m0 = 0; m0 < a.m; m0 += ROW_TILE) {
+      int64_t m1 = std::min(a.m, m0 + ROW_TILE), n = n0;
+      for (; n + NC <= n1; n += NC) kquant_columns_avx512<NC>(job, n, m0, m1);
+      for (; n < n1; ++n) kquant_columns_avx512<1>(job, n, m0, m1);
+    }
+    return;
+  }
   const int gbytes = group_bytes(qtype);
-  const __m512i m4 = _mm512_set1_epi8(0x0f), m30 = _mm512_set1_epi8(0x30);
-  const __m512i upper4 = _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_set1_epi16(4), 1);  // shift 0 | 4
-  const __m512i upper2 = _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_set1_epi16(2), 1);  // shift 0 | 2
-  const __m512i shl42 = _mm512_inserti64x4(_mm512_set1_epi16(4), _mm256_set1_epi16(2), 1);     // shift 4 | 2
-  alignas(64) static thread_local float acc[ROW_TILE * 16], acco[ROW_TILE * 8];
-  __m512i W[4], S[4], AW[4];
+  alignas(64) static thread_local float acc[ROW_TILE * 16];
+  __m512i AW[4];
   __mmask64 NEG[4] = {0, 0, 0, 0};
   __m512 D[4];
-  __m256i OFF = _mm256_setzero_si256();
-  float A = 0.f, B = 0.f;
-  int chunks = 4;
   for (int64_t m0 = 0; m0 < a.m; m0 += ROW_TILE) {
     int64_t m1 = std::min(a.m, m0 + ROW_TILE);
     for (int64_t n = n0; n < n1; ++n) {
       const uint8_t* row = job.w + n * job.row_bytes;
       std::memset(acc, 0, sizeof(float) * 16 * (m1 - m0));
-      std::memset(acco, 0, sizeof(float) * 8 * (m1 - m0));
       for (int64_t g = 0; g < a.groups; ++g) {
         const uint8_t* ahead = row + g * gbytes + PREFETCH;  // the weights stream: keep it ahead
         for (int l = 0; l < gbytes; l += 64) _mm_prefetch((const char*)(ahead + l), _MM_HINT_T0);
-        __m256i lane_scales = _mm256_setzero_si256();  // K-quants: one int16 scale per 16 weights
-        if (qtype == Q4_K) {
-          const uint8_t* b = row + g * 144;
-          alignas(32) uint8_t sc[8], mn[8];
-          q4k_scales(b + 4, sc, mn);
-          for (int c = 0; c < 4; ++c) {
-            __m512i v = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i*)(b + 16 + 32 * c)));
-            W[c] = _mm512_and_si512(_mm512_srlv_epi16(v, upper4), m4);
-          }
-          const __m256i pairs = _mm256_setr_epi16(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7);
-          lane_scales = _mm256_permutexvar_epi16(pairs, _mm256_castsi128_si256(_mm_cvtepu8_epi16(_mm_loadl_epi64((const __m128i*)sc))));
-          OFF = _mm256_permutexvar_epi16(pairs, _mm256_castsi128_si256(_mm_cvtepu8_epi16(_mm_loadl_epi64((const __m128i*)mn))));
-          A = half(b);
-          B = half(b + 2);
-        } else if (qtype == Q6_K) {
-          const uint8_t* b = row + g * 210;
+        int64_t first = g * 8;
+        int blocks = (int)std::min<int64_t>(8, a.k / 32 - first);
+        int chunks = (blocks + 1) / 2;
+        for (int c = 0; c < chunks; ++c) {
+          __m256i pair[2] = {_mm256_setzero_si256(), _mm256_setzero_si256()};
+          float d[2] = {0.f, 0.f};
           for (int h = 0; h < 2; ++h) {
-            __m512i L = _mm512_loadu_si512((const void*)(b + 64 * h));
-            __m512i H = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i*)(b + 128 + 32 * h)));
-            W[2 * h] = _mm512_or_si512(_mm512_and_si512(L, m4), _mm512_and_si512(_mm512_sllv_epi16(H, shl42), m30));
-            W[2 * h + 1] = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(L, 4), m4), _mm512_and_si512(_mm512_srlv_epi16(H, upper2), m30));
-          }
-          lane_scales = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)(b + 192)));
-          OFF = _mm256_slli_epi16(lane_scales, 5);
-          A = B = half(b + 208);
-        } else {
-          int64_t first = g * 8;
-          int blocks = (int)std::min<int64_t>(8, a.k / 32 - first);
-          chunks = (blocks + 1) / 2;
-          for (int c = 0; c < chunks; ++c) {
-            __m256i half[2] = {_mm256_setzero_si256(), _mm256_setzero_si256()};
-            float d[2] = {0.f, 0.f};
-            for (int h = 0; h < 2; ++h) {
-              int j = 2 * c + h;
-              float& dj = d[h];
-              if (j < blocks) {
-                if (qtype == Q8_0) {
-                  const uint8_t* b = row + (first + j) * 34;
-                  dj = half(b);
-                  half[h] = _mm256_loadu_si256((const __m256i*)(b + 2));
-                } else {
-                  const uint8_t* b = row + (first + j) * 22;
-                  uint32_t qh;
-                  std::memcpy(&qh, b + 2, 4);
-                  dj = half(b);
-                  __m128i qs = _mm_loadu_si128((const __m128i*)(b + 6));
-                  __m256i v = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(qs, 4), qs), _mm256_set1_epi8(0x0f));
-                  v = _mm256_or_si256(v, _mm256_maskz_mov_epi8(qh, _mm256_set1_epi8(0x10)));
-                  half[h] = _mm256_sub_epi8(v, _mm256_set1_epi8(16));
-                }
+            int j = 2 * c + h;
+            float& dj = d[h];
+            if (j < blocks) {
+              if (qtype == Q8_0) {
+                const uint8_t* b = row + (first + j) * 34;
+                dj = half(b);
+                pair[h] = _mm256_loadu_si256((const __m256i*)(b + 2));
+              } else {
+                const uint8_t* b = row + (first + j) * 22;
+                uint32_t qh;
+                std::memcpy(&qh, b + 2, 4);
+                dj = half(b);
+                __m128i qs = _mm_loadu_si128((const __m128i*)(b + 6));
+                __m256i v = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(qs, 4), qs), _mm256_set1_epi8(0x0f));
+                v = _mm256_or_si256(v, _mm256_maskz_mov_epi8(qh, _mm256_set1_epi8(0x10)));
+                pair[h] = _mm256_sub_epi8(v, _mm256_set1_epi8(16));
               }
             }
-            __m512i v = _mm512_inserti64x4(_mm512_castsi256_si512(half[0]), half[1], 1);
-            AW[c] = _mm512_abs_epi8(v);
-            NEG[c] = _mm512_movepi8_mask(v);
-            D[c] = _mm512_castpd_ps(_mm512_insertf64x4(_mm512_castps_pd(_mm512_set1_ps(d[0])),  // lanes of block 2c | 2c+1
-                                                       _mm256_castps_pd(_mm256_set1_ps(d[1])), 1));
           }
+          __m512i v = _mm512_inserti64x4(_mm512_castsi256_si512(pair[0]), pair[1], 1);
+          AW[c] = _mm512_abs_epi8(v);
+          NEG[c] = _mm512_movepi8_mask(v);
+          D[c] = _mm512_castpd_ps(_mm512_insertf64x4(_mm512_castps_pd(_mm512_set1_ps(d[0])),  // lanes of block 2c | 2c+1
+                                                     _mm256_castps_pd(_mm256_set1_ps(d[1])), 1));
         }
-        if (kquant) {
-          for (int c = 0; c < 4; ++c) {  // 16-bit lanes of chunk c: weights 64c..64c+63, 2 per lane
-            const __m512i idx = _mm512_add_epi16(_mm512_set1_epi16(4 * c), _mm512_srli_epi16(
-                _mm512_set_epi16(31, 30, 29, 28, 27, 26, 25, 24, 23, 22, 21, 20, 19, 18, 17, 16,
-                                 15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0), 3));
-            S[c] = _mm512_permutexvar_epi16(idx, _mm512_castsi256_si512(lane_scales));
+        for (int64_t r = m0; r < m1; ++r) {
+          const int8_t* x = a.qrow(r) + g * SUPER;
+          __m512 dx = _mm512_set1_ps(a.drow(r)[g]);
+          float* ar = acc + 16 * (r - m0);
+          __m512 v = _mm512_load_ps(ar);
+          for (int c = 0; c < chunks; ++c) {
+            __m512i xv = _mm512_loadu_si512((const void*)(x + 64 * c));
+            xv = _mm512_mask_sub_epi8(xv, NEG[c], _mm512_setzero_si512(), xv);
+            __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), AW[c], xv);
+            v = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(D[c], dx), v);
           }
-          for (int64_t r = m0; r < m1; ++r) {
-            const int8_t* x = a.qrow(r) + g * SUPER;
-            float dx = a.drow(r)[g];
-            __m512i sumi = _mm512_setzero_si512();
-            for (int c = 0; c < 4; ++c)
-              sumi = _mm512_dpwssd_epi32(sumi, _mm512_maddubs_epi16(W[c], _mm512_loadu_si512((const void*)(x + 64 * c))), S[c]);
-            __m256i offs = _mm256_madd_epi16(OFF, _mm256_loadu_si256((const __m256i*)(a.srow(r) + g * 16)));
-            float* ar = acc + 16 * (r - m0);
-            float* aor = acco + 8 * (r - m0);
-            _mm512_store_ps(ar, _mm512_fmadd_ps(_mm512_cvtepi32_ps(sumi), _mm512_set1_ps(A * dx), _mm512_load_ps(ar)));
-            _mm256_store_ps(aor, _mm256_fmadd_ps(_mm256_cvtepi32_ps(offs), _mm256_set1_ps(B * dx), _mm256_load_ps(aor)));
-          }
-        } else {
-          for (int64_t r = m0; r < m1; ++r) {
-            const int8_t* x = a.qrow(r) + g * SUPER;
-            __m512 dx = _mm512_set1_ps(a.drow(r)[g]);
-            float* ar = acc + 16 * (r - m0);
-            __m512 v = _mm512_load_ps(ar);
-            for (int c = 0; c < chunks; ++c) {
-              __m512i xv = _mm512_loadu_si512((const void*)(x + 64 * c));
-              xv = _mm512_mask_sub_epi8(xv, NEG[c], _mm512_setzero_si512(), xv);
-              __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), AW[c], xv);
-              v = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(D[c], dx), v);
-            }
-            _mm512_store_ps(ar, v);
-          }
+          _mm512_store_ps(ar, v);
         }
       }
-      for (int64_t r = m0; r < m1; ++r) {
-        float s = _mm512_reduce_add_ps(_mm512_load_ps(acc + 16 * (r - m0)));
-        job.y[r * job.n + n] = s - hsum8(_mm256_load_ps(acco + 8 * (r - m0)));
-      }
+      for (int64_t r = m0; r < m1; ++r) job.y[r * job.n + n] = _mm512_reduce_add_ps(_mm512_load_ps(acc + 16 * (r - m0)));
     }
   }
 }
@@ -588,11 +622,49 @@ Pool& pool() {
   return *p;
 }
 
+// PyTorch's own OpenMP runtime, when the caller hands us its entry points: our parts then run
+// on the very threads PyTorch computes with, so the two never compete for cores (a spinning
+// OpenMP worker would otherwise hold the core our pool's worker needs).
+struct OpenMP {
+  void (*parallel)(void (*)(void*), void*, unsigned, unsigned) = nullptr;  // GOMP_parallel
+  int (*thread_num)() = nullptr;
+  int (*num_threads)() = nullptr;
+};
+OpenMP openmp;
+
+struct OpenMPTask {
+  const std::function<void(int)>* fn;
+  int parts;
+};
+
+void openmp_part(void* data) {
+  auto* task = static_cast<OpenMPTask*>(data);
+  for (int i = openmp.thread_num(); i < task->parts; i += openmp.num_threads()) (*task->fn)(i);  // a smaller team loops
+}
+
+void run_parts(int parts, const std::function<void(int)>& fn) {
+  if (openmp.parallel && parts > 1) {
+    OpenMPTask task{&fn, parts};
+    openmp.parallel(openmp_part, &task, (unsigned)parts, 0);
+  } else {
+    pool().run(parts, fn);
+  }
+}
+
 }  // namespace
 
 extern "C" {
 
 #define LLMCAD_API __attribute__((visibility("default")))
+
+// Run the parts of every later call on the OpenMP runtime whose GOMP_parallel,
+// omp_get_thread_num and omp_get_num_threads these are (all null: the library's own pool).
+LLMCAD_API void llmcad_use_openmp(void* parallel, void* thread_num, void* num_threads) {
+  openmp.parallel = reinterpret_cast<decltype(openmp.parallel)>(parallel);
+  openmp.thread_num = reinterpret_cast<decltype(openmp.thread_num)>(thread_num);
+  openmp.num_threads = reinterpret_cast<decltype(openmp.num_threads)>(num_threads);
+  if (!(openmp.parallel && openmp.thread_num && openmp.num_threads)) openmp = OpenMP();
+}
 
 // Bit i set where dispatch path i (0 portable, 1 AVX2, 2 AVX-512) runs on this CPU.
 LLMCAD_API int llmcad_paths() {
@@ -615,7 +687,7 @@ LLMCAD_API int llmcad_matmul(int path, int qtype, const uint8_t* w, int64_t row_
   int64_t step = 16;  // columns per part come in 16s so parts stay cache-line friendly
   int parts = (int)std::max<int64_t>(1, std::min<int64_t>(threads, n / step));
   int64_t per = (n + parts - 1) / parts;
-  pool().run(parts, [&](int i) {
+  run_parts(parts, [&](int i) {
     int64_t n0 = i * per, n1 = std::min(n, n0 + per);
     if (n0 < n1) columns(job, n0, n1);
   });
