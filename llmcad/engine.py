@@ -10,13 +10,13 @@ from dataclasses import dataclass
 
 import torch
 
+from llmcad import kernels
 from llmcad.budget import MemoryPlan, activation_bytes, parse_size, plan_memory, release_free_memory, return_large_blocks_at_once
 from llmcad.config import ModelConfig
 from llmcad.errors import LlmcadError
 from llmcad.generate import Generation, GenerationStats, Piece, autoregressive, stream_text
 from llmcad.hub import DEFAULT_TARGET, resolve_model
 from llmcad.model import ROW_CHUNK, KVCache, Transformer
-from llmcad import kernels
 from llmcad.quant import convert_submodule, vocab_precision
 from llmcad.sampling import Sampler, SamplingParams
 from llmcad.fallback import FALLBACKS, Fallback, TreeLimits, make_fallback
@@ -180,9 +180,9 @@ class Engine:
                 break
             except LlmcadError as e:
                 if context == contexts[-1]:
-                    small = {"q4", "gguf"}  # the 4-bit precisions
+                    small = {"q4", "gguf"}  # the 4-bit precisions (gguf: a Q4_K_M file's 4-6-bit blocks)
                     smallest = store.precision in small and (draft is None or draft_precision in small)
-                    raise LlmcadError(str(e) + ("" if smallest else ", or store the models in 4 bits (--precision gguf --draft-precision gguf)")) from None
+                    raise LlmcadError(str(e) + ("" if smallest else ", or store the models in 4-bit blocks (--precision gguf --draft-precision gguf)")) from None
         if draft_state is not None:
             draft_state.cache = KVCache(draft_state.model.config, context + 2 * slots)
         model = StreamedTransformer(store, plan, drop_page_cache=not keep_page_cache)
