@@ -96,9 +96,11 @@ def plot(results: dict, out: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 5))
+    colors = {q: f"C{i}" for i, q in enumerate([*kernels.QTYPES, "torch-int4pack", "torch-int8"])}
+    styles = {"avx512": "-", "avx2": "--", "portable": ":"}
     for name, rec in results.items():
-        style = "--" if name.startswith("torch") else "-"
-        ax.plot(ROWS, [rec["ms"][r] for r in ROWS], style, marker="o", label=name)
+        fmt, _, path = name.partition("/")  # format and path; PyTorch's kernels have no path
+        ax.plot(ROWS, [rec["ms"][r] for r in ROWS], styles.get(path, "-."), color=colors[fmt], marker="o", label=name)
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xlabel("rows (tokens in the pass)")
