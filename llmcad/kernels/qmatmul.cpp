@@ -39,7 +39,7 @@ enum Path { PORTABLE = 0, AVX2 = 1, AVX512 = 2 };
 
 constexpr int SUPER = 256;     // activation scale group
 constexpr int ROW_TILE = 64;   // rows whose activations stay in cache while a column is done
-constexpr int PREFETCH = 2048; // bytes of weights requested ahead of the one being decoded
+constexpr int PREFETCH = 16384; // bytes of weights requested ahead of the one being decoded (2048: 7.8 tok/s, 16384: 9.2, 1.5B decode)
 
 struct Format { int block; int bytes; };
 constexpr Format FORMATS[] = {{256, 144}, {256, 210}, {32, 34}, {32, 22}};
