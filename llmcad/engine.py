@@ -128,7 +128,7 @@ class Engine:
         proposes only the first `draft_vocab` token ids and the special tokens (see
         `draft_head_ids`)."""
         budget = None if memory_budget is None else parse_size(memory_budget)
-        if "gguf" in (precision, draft_precision) and not kernels.available():
+        if "gguf" in (precision, draft_precision if draft is not None else None) and not kernels.available():
             raise LlmcadError(f"precision gguf needs the native kernels: {kernels.unavailable_reason()}")
         if budget is not None:
             return_large_blocks_at_once()

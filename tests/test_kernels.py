@@ -116,3 +116,19 @@ def test_own_thread_pool_gives_the_same_bits_as_pytorchs_threads():
         assert torch.equal(kernels.matmul(x[:1], blocks, "q4_k"), on_openmp[:1])
     finally:
         lib.llmcad_use_openmp(*kernels._torch_openmp())
+
+
+def test_without_the_library_the_cli_says_so_and_gguf_is_refused(monkeypatch, capsys, tiny_llama):
+    """A machine where the library did not build: one line from the CLI, and precision gguf
+    refused with the reason (its reference fallback is not batch-invariant)."""
+    from llmcad import cli
+    from llmcad.engine import Engine
+    from llmcad.errors import LlmcadError
+
+    monkeypatch.setattr(kernels, "_library", lambda: (None, "the native kernel library was not built"))
+    assert cli.main(["info", str(tiny_llama)]) == 0
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "not built; computing with PyTorch's kernels instead" in err
+    with pytest.raises(LlmcadError, match="precision gguf needs the native kernels: the native kernel library was not built"):
+        Engine.load(tiny_llama, precision="gguf", progress=False)
+    assert Engine.load(tiny_llama, precision="int8", progress=False).precision == "int8"
