@@ -10,14 +10,18 @@
 // A weight super-block is decoded once into registers and then multiplied with each row in
 // turn (AVX-512 K-quants: four columns' super-blocks, so a row's activations are loaded once
 // for four columns), every (row, column) by the same code with its own accumulator; threads
-// split the columns, never the reduction. So a token verified in a tree of 64 rows gets the bits it would get
-// alone, on a given dispatch path (paths differ only in float summation order).
+// split the columns, never the reduction. So a token verified in a tree of 64 rows gets the
+// bits it would get alone, on a given dispatch path (paths differ only in float summation
+// order).
 //
 // Paths: portable C (the reference, any CPU), AVX2 (+FMA, F16C) and AVX-512 (F, BW, VL,
 // VNNI); each SIMD path is compiled with function target attributes and chosen at run time
-// from cpuid, so one build runs everywhere. Interface: the extern "C" functions at the end.
+// from cpuid, so one build runs everywhere. Threads: PyTorch's OpenMP runtime when the caller
+// hands over its entry points (llmcad_use_openmp), else a pool of our own. Interface: the
+// extern "C" functions at the end.
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <cmath>
 #include <condition_variable>
 #include <cstdint>
