@@ -91,6 +91,7 @@ def test_rows_are_bit_identical_at_any_batch_and_thread_count(path, qtype):
 
 def test_matmul_refuses_blocks_that_do_not_hold_the_columns():
     blocks = random_blocks("q4_k", 16, 512)
+    assert kernels.matmul(torch.randn(0, 512), blocks, "q4_k").shape == (0, 16)  # no rows: nothing to do
     with pytest.raises(ValueError, match="do not hold"):
         kernels.matmul(torch.randn(2, 768), blocks, "q4_k")
 

@@ -127,6 +127,8 @@ def matmul(x: torch.Tensor, blocks: torch.Tensor, qtype: str, path: str | None =
         return x @ dequantize(blocks, qtype, cols).t()
     path = path or active_path()
     y = torch.empty(rows, out)
+    if rows == 0:
+        return y
     status = lib.llmcad_matmul(
         PATHS.index(path), QTYPE_IDS[qtype], blocks.data_ptr(), blocks.shape[1], out, cols,
         x.data_ptr(), rows, y.data_ptr(), torch.get_num_threads(),
