@@ -166,9 +166,6 @@ class QuantBlocks:
     def shape(self) -> tuple[int, int]:
         return (self.data.shape[0], self.cols)
 
-    def float(self) -> torch.Tensor:
-        return kernels.dequantize(self.data, self.qtype, self.cols)
-
 
 class QuantLinear(nn.Module):
     """y = x W^T + b with W in a GGUF block format (`blocks` uint8 [out, row bytes]), computed

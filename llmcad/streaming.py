@@ -339,7 +339,7 @@ class StreamedTransformer(Transformer):
         if units:
             buffers = [aligned_buffer(plan.buffer_bytes) for _ in range(2)]
             self.reader = LayerReader(units, buffers, self.io, drop_page_cache)
-            slot_blocks = [{i: make_block(store, layouts[i].views(b)) for i in streamed} for b in buffers]
+            slot_blocks = [_blocks_by_layout(store, streamed, b) for b in buffers]
             sizes = {stop - start for start, stop in chunks}
             slot_heads = [{n: linear_from(_head_views(head, b, n)) for n in sizes} for b in buffers]
         self.layers = StreamedLayers(config.num_layers, resident, slot_blocks, self.reader)
@@ -370,6 +370,17 @@ class StreamedTransformer(Transformer):
     def close(self) -> None:
         if self.reader is not None:
             self.reader.close()
+
+
+def _blocks_by_layout(store: LayerStore, layers: list[int], buffer: torch.Tensor) -> dict[int, Block]:
+    """A Block over `buffer` for each of `layers`, one per distinct layer layout (a store of
+    one block type has one; a Q4_K_M gguf store two)."""
+    made: dict[bytes, Block] = {}
+    for i in layers:
+        layout = store.layer_layouts[i]
+        if layout.header not in made:
+            made[layout.header] = make_block(store, layout.views(buffer))
+    return {i: made[store.layer_layouts[i].header] for i in layers}
 
 
 class _Rows(nn.Module):

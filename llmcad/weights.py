@@ -77,11 +77,10 @@ class Checkpoint:
         """The matrix `name` (all rows, or the rows `ids`) in its GGUF blocks, if it is stored
         in a type the native kernels compute; else None."""
         tensor = self._gguf_tensor(name) if self.gguf is not None else None
-        qtype = None if tensor is None else QTYPE_OF_GGML.get(tensor.type.value)
-        if qtype is None:
-            return None
-        data = torch.from_numpy(read_tensor(self.gguf.path, tensor))
-        return QuantBlocks(qtype, data if ids is None else data[torch.as_tensor(ids)], tensor.shape[1])
+        blocks = None if tensor is None else _quant_blocks(self.gguf.path, tensor)
+        if blocks is None or ids is None:
+            return blocks
+        return replace(blocks, data=blocks.data[torch.as_tensor(ids)])
 
     def _gguf_tensor(self, name: str) -> GGUFTensor | None:
         return next((t for t in self.gguf.tensors if _gguf_name(t.name) == name), None)
@@ -366,15 +365,19 @@ def _gguf_tensors(ckpt: Checkpoint, skip: Container[str], blocks: bool) -> Itera
         name = _gguf_name(t.name)
         if t.name == "rope_freqs.weight" or name in skip:
             continue
-        qtype = QTYPE_OF_GGML.get(t.type.value) if blocks and len(t.shape) == 2 else None
-        if qtype is not None:
-            tensor = QuantBlocks(qtype, torch.from_numpy(read_tensor(ckpt.gguf.path, t)), t.shape[1])
-        else:
+        tensor = _quant_blocks(ckpt.gguf.path, t) if blocks else None
+        if tensor is None:
             tensor = torch.from_numpy(ckpt.gguf.dequantize(t))
         if config.arch == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
             heads = config.num_heads if "q_proj" in name else config.num_kv_heads
             tensor = _unpermute_rope(tensor, heads)
         yield name, tensor
+
+
+def _quant_blocks(path: Path, tensor: GGUFTensor) -> QuantBlocks | None:
+    """`tensor`'s stored blocks, if it is a matrix in a type the native kernels compute."""
+    qtype = QTYPE_OF_GGML.get(tensor.type.value) if len(tensor.shape) == 2 else None
+    return None if qtype is None else QuantBlocks(qtype, torch.from_numpy(read_tensor(path, tensor)), tensor.shape[1])
 
 
 def _unpermute_rope(w: torch.Tensor | QuantBlocks, heads: int) -> torch.Tensor | QuantBlocks:

@@ -93,6 +93,7 @@ def unavailable_reason() -> str:
     return _library()[1]
 
 
+@cache
 def supported_paths() -> tuple[str, ...]:
     """The dispatch paths this CPU runs (empty without the library)."""
     lib = _library()[0]
