@@ -51,10 +51,8 @@ PRECISION = "q4"  # the precision the default pair fits 1000 MB in
 class Served:
     """`llmcad serve` in a subprocess (in a memory cgroup when `enter` is given)."""
 
-    def __init__(self, args: argparse.Namespace, target: Path, draft: Path, enter=None):
-        cmd = [sys.executable, "-m", "llmcad.cli", "serve", "--target", str(target), "--draft", str(draft),
-               "--precision", PRECISION, "--draft-precision", PRECISION, "--memory-budget", args.budget,
-               "--port", "0", "--queue-size", str(args.queue_size)]
+    def __init__(self, options: list[str], model: str, enter=None):
+        cmd = [sys.executable, "-m", "llmcad.cli", "serve", *options, "--port", "0"]
         env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, preexec_fn=enter)
         line = self.proc.stdout.readline().decode()
@@ -62,7 +60,7 @@ class Served:
         if not found:
             self.proc.kill()
             raise RuntimeError(f"the server did not start: {line}{self.proc.stderr.read().decode()[-2000:]}")
-        self.base_url, self.model = found.group(1), target.name
+        self.base_url, self.model = found.group(1), model
         self.started_line = line.strip()
 
     def client(self) -> openai.OpenAI:
@@ -183,7 +181,9 @@ def main() -> None:
         if cgroup_unavailable() is None:
             enter, peak = stack.enter_context(memory_cgroup(budget))
         evict(store.path.iterdir())
-        served = Served(args, target, draft, enter)
+        options = ["--target", str(target), "--draft", str(draft), "--precision", PRECISION, "--draft-precision", PRECISION,
+                   "--memory-budget", args.budget, "--queue-size", str(args.queue_size)]
+        served = Served(options, target.name, enter)
         try:
             results["server"] = served.started_line
             results["rss_mb_loaded"] = served.rss_mb()

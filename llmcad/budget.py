@@ -16,9 +16,10 @@ import ctypes
 import ctypes.util
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
 from llmcad.config import ModelConfig
-from llmcad.errors import LlmcadError
+from llmcad.errors import BudgetTooSmall, LlmcadError
 
 MB = 1 << 20
 HEADROOM = 96 * MB  # allocator slack and kernels' first-use workspaces (held to by the cgroup test in tests/test_streaming.py)
@@ -33,6 +34,58 @@ def parse_size(text: str | int) -> int:
     if not match:
         raise LlmcadError(f"cannot read memory size {text!r} (examples: 1.5GB, 1000MB)")
     return int(float(match.group(1)) * UNITS[match.group(2)])
+
+
+AUTO_HEADROOM = 0.10  # of the memory available, left to the rest of the system by `--memory-budget auto`
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+
+
+def available_memory(rss: int, cgroup_root: Path = CGROUP_ROOT) -> tuple[int, str]:
+    """Memory this process may use in all (`rss`: what it holds now), and where the figure
+    comes from: MemAvailable plus `rss`, or the limit of the memory cgroup it runs in (cgroup
+    v2 `memory.max` or v1 `memory.limit_in_bytes`, the tightest along its path) if smaller."""
+    with open("/proc/meminfo") as f:
+        kib = next(int(line.split()[1]) for line in f if line.startswith("MemAvailable:"))
+    best = (kib * 1024 + rss, "MemAvailable")
+    limit = cgroup_memory_limit(cgroup_root)
+    return min(best, (limit, "memory cgroup limit")) if limit is not None else best
+
+
+def cgroup_memory_limit(root: Path = CGROUP_ROOT, membership: str | None = None) -> int | None:
+    """The memory limit of this process's cgroup and its ancestors, in bytes (None: no
+    limit). `membership` is the text of /proc/self/cgroup (read when None)."""
+    if membership is None:
+        with open("/proc/self/cgroup") as f:
+            membership = f.read()
+    limits = []
+    for line in membership.splitlines():
+        if line.count(":") >= 2:
+            _, controllers, path = line.split(":", 2)
+            if controllers == "":  # v2: one unified hierarchy
+                base, name = root, "memory.max"
+            elif "memory" in controllers.split(","):  # v1: the memory controller's own hierarchy
+                base, name = root / "memory", "memory.limit_in_bytes"
+            else:
+                continue
+            folder = base / path.strip("/")
+            while True:  # the limit that binds is the tightest on the way up to the root
+                try:
+                    text = (folder / name).read_text().strip()
+                except OSError:
+                    text = "max"
+                if text.isdigit() and int(text) < 1 << 60:  # v1 writes "no limit" as a huge number
+                    limits.append(int(text))
+                if folder == base:
+                    break
+                folder = folder.parent
+    return min(limits) if limits else None
+
+
+def auto_budget(rss: int) -> tuple[int, str]:
+    """The budget `--memory-budget auto` stands for, and one line saying how it was found."""
+    available, source = available_memory(rss)
+    budget = int(available * (1 - AUTO_HEADROOM))
+    return budget, f"auto: {available / MB:.0f} MB available ({source}) less {AUTO_HEADROOM:.0%}"
 
 
 def _libc() -> ctypes.CDLL | None:
@@ -148,11 +201,12 @@ def plan_memory(
     streaming = MemoryPlan(**common, embed_bytes=0, resident_layers=(), head_resident=False,
                            embed_resident=False, buffer_bytes=layer_bytes)
     if streaming.total > budget:
-        raise LlmcadError(
+        raise BudgetTooSmall(
             f"memory budget {budget / MB:.0f} MB is below the minimum of {streaming.total / MB:.0f} MB for "
             f"{config.num_layers} layers of {layer_bytes / MB:.1f} MB streamed through 2 buffers (runtime "
             f"{runtime / MB:.0f} MB, draft {draft / MB:.0f} MB, KV caches {kv_cache / MB:.0f} MB, activations and "
-            f"headroom {(activations + HEADROOM) / MB:.0f} MB); raise the budget or lower --max-context"
+            f"headroom {(activations + HEADROOM) / MB:.0f} MB); raise the budget or lower --max-context",
+            streaming.total,
         )
     spare = budget - streaming.total
     head_resident = head_bytes <= spare

@@ -7,10 +7,11 @@ import dataclasses
 import json
 import os
 import sys
+import time
 
 from llmcad import hub, kernels
 from llmcad.errors import LlmcadError
-from llmcad.engine import DEFAULT_FALLBACK, DEFAULT_PRECISION, MODES, Engine, default_limits, open_store
+from llmcad.engine import AUTO, DEFAULT_FALLBACK, DEFAULT_PRECISION, MODES, Engine, default_limits, open_store
 from llmcad.fallback import FALLBACKS, TreeLimits
 from llmcad.quant import PRECISIONS
 
@@ -71,10 +72,25 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--request-timeout", type=float, default=600.0, metavar="S", help="seconds a request may take, queued and generating (default: %(default)s)")
     serve.set_defaults(run=_serve)
 
+    chat = commands.add_parser("chat", help="talk with the model in the terminal (or one message per line from a pipe)")
+    _add_model_options(chat)
+    chat.add_argument("--system", default=None, metavar="TEXT", help="system message that opens the conversation")
+    chat.add_argument("--max-tokens", type=int, default=None, metavar="N", help="most tokens per answer (default: the rest of the context window)")
+    chat.add_argument("--temperature", type=float, default=0.0, metavar="T", help="0 = greedy (default)")
+    chat.add_argument("--top-k", type=int, default=0, metavar="K")
+    chat.add_argument("--top-p", type=float, default=1.0, metavar="P")
+    chat.add_argument("--seed", type=int, default=None, metavar="S")
+    chat.set_defaults(run=_chat)
+
     info = commands.add_parser("info", help="describe a model")
     info.add_argument("model", metavar="MODEL", help="GGUF file, HF folder or alias")
     info.add_argument("--json", action="store_true")
     info.set_defaults(run=_info)
+
+    ver = commands.add_parser("verify", help="check a model's file and layer stores in full (sha256 of every byte)")
+    ver.add_argument("model", metavar="MODEL", help="alias, GGUF file, HF folder or layer store")
+    ver.add_argument("--precision", choices=PRECISIONS, default=None, help="the store to check (default: every precision converted)")
+    ver.set_defaults(run=_verify)
 
     conv = commands.add_parser("convert", help="write a model's layer store (the layout the target is streamed from)")
     conv.add_argument("model", metavar="MODEL", help="GGUF file, HF folder or alias")
@@ -89,49 +105,60 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
-    """The options that choose and load the models, shared by generate and serve."""
+    """The options that choose and load the models, shared by generate, chat and serve."""
     parser.add_argument("--target", default=hub.DEFAULT_TARGET, metavar="MODEL", help="GGUF file, HF folder, layer store or alias (default: %(default)s)")
-    parser.add_argument("--draft", default=None, metavar="MODEL", help="draft model for speculative decoding")
-    parser.add_argument("--mode", choices=MODES, default=None, help="ar: target alone; sd: linear draft; tree: token tree with fixed limits; llmcad: token tree grown until the fallback policy says verify (default: llmcad with --draft, else ar)")
+    drafts = parser.add_mutually_exclusive_group()
+    pairs = ", ".join(f"{t}: {d}" for t, d in hub.PAIRS.items())
+    drafts.add_argument("--draft", default=AUTO, metavar="MODEL", help=f"draft model for speculative decoding (default: the target alias's pair, {pairs}; else none)")
+    drafts.add_argument("--no-draft", dest="draft", action="store_const", const=None, help="run the target alone")
+    parser.add_argument("--mode", choices=MODES, default=None, help="ar: target alone; sd: linear draft; tree: token tree with fixed limits; llmcad: token tree grown until the fallback policy says verify (default: llmcad with a draft, else ar)")
     parser.add_argument("--fallback", choices=FALLBACKS, default=DEFAULT_FALLBACK, help="llmcad: when to stop drafting and verify; fixed: at the tree limits, llmcad: tree confidence against a self-adjusting threshold, cost: when expected accepted tokens per second would fall (default: %(default)s)")
-    parser.add_argument("--precision", choices=PRECISIONS, default=DEFAULT_PRECISION, help="target " + PRECISION_HELP)
-    parser.add_argument("--draft-precision", choices=PRECISIONS, default=DEFAULT_PRECISION, help="draft " + PRECISION_HELP)
+    parser.add_argument("--precision", choices=(AUTO, *PRECISIONS), default=AUTO, help="target " + PRECISION_HELP)
+    parser.add_argument("--draft-precision", choices=(AUTO, *PRECISIONS), default=AUTO, help="draft " + PRECISION_HELP.replace("(default: %(default)s)", "(default: the target's)"))
     parser.add_argument("--draft-vocab", type=int, default=0, metavar="N", help="the draft proposes only the first N token ids and the special tokens: a smaller, faster draft head, fewer tokens accepted (default: 0, every token)")
-    parser.add_argument("--memory-budget", default=None, metavar="SIZE", help="memory for the whole process, e.g. 1.5GB or 1000MB: the target is streamed from storage, keeping resident what fits (default: no limit, all resident)")
+    parser.add_argument("--memory-budget", default=AUTO, metavar="SIZE", help="memory for the whole process, e.g. 1.5GB or 1000MB: the target is streamed from storage, keeping resident what fits; 'none': no limit (default: auto, the memory available to this process, MemAvailable or its memory cgroup's limit, less 10%%)")
     parser.add_argument("--keep-page-cache", action="store_true", help="leave streamed pages in the OS page cache (default: drop them after use, as a device without spare RAM would)")
-    parser.add_argument("--max-context", type=int, default=None, metavar="N", help="KV cache size in tokens, prompt plus completion (default: 4096; under a budget, generate sizes it to the prompt plus --max-tokens, leaving the rest of the budget to resident layers, and serve takes the largest of 4096, 2048, 1024, 512 that fits)")
+    parser.add_argument("--max-context", type=int, default=None, metavar="N", help="KV cache size in tokens, prompt plus completion (default: 4096; under a budget, generate sizes it to the prompt plus --max-tokens, leaving the rest of the budget to resident layers, and chat and serve take the largest of 4096, 2048, 1024, 512 that fits)")
 
 
-def _load_engine(args: argparse.Namespace, progress: bool, target=None, max_context: int | None = None):
+def _load_engine(args: argparse.Namespace, progress: bool, target=None, max_context: int | None = None) -> Engine:
     """The Engine the model options ask for (`target` and `max_context` in place of the
-    options'); its memory plan is printed when a budget is set."""
+    options'). What was chosen is printed on stderr in two lines, and the whole memory plan
+    when a budget was given; `args.load_s` is the time it took."""
+    started = time.perf_counter()
     engine = Engine.load(
         target or args.target,
-        draft=args.draft,
+        draft=hub.paired_draft(args.target) if args.draft == AUTO else args.draft,
         mode=args.mode,
         precision=args.precision,
         draft_precision=args.draft_precision,
         max_context=max_context or args.max_context,
-        memory_budget=args.memory_budget,
+        memory_budget=None if args.memory_budget.lower() == "none" else args.memory_budget,
         keep_page_cache=args.keep_page_cache,
         fallback=args.fallback,
         draft_vocab=args.draft_vocab or None,
         progress=progress,
     )
-    if args.memory_budget is not None:
-        print(f"{engine.plan.describe()}\n  {'context window':<23}{engine.max_context:7d} tokens", file=sys.stderr)
+    args.load_s = time.perf_counter() - started
+    print(engine.describe(), file=sys.stderr)
+    if engine.budget_note == "given":
+        print(engine.plan.describe(), file=sys.stderr)
     return engine
 
 
 def _generate(args: argparse.Namespace) -> int:
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     progress = not args.json and sys.stderr.isatty()  # bars only on a terminal, never in a log
-    store = open_store(args.target, args.precision, progress)
+    store = open_store(args.target, DEFAULT_PRECISION if args.precision == AUTO else args.precision, progress)
     ids = store.tokenizer.encode_chat([{"role": "user", "content": prompt}]) if args.chat else store.tokenizer.encode(prompt)
+    if args.max_context and len(ids) + args.max_tokens > args.max_context:  # said before the models load
+        raise LlmcadError(f"prompt ({len(ids)} tokens) plus max_tokens ({args.max_tokens}) exceeds the context window ({args.max_context} tokens)")
     # under a budget the context is this job's: every slot more is memory a resident layer could use
-    context = args.max_context or (len(ids) + max(1, args.max_tokens) if args.memory_budget is not None else None)
+    context = args.max_context or (len(ids) + max(1, args.max_tokens) if args.memory_budget.lower() != "none" else None)
+    # without the native kernels the engine picks int8 or q4 by its plan: it opens the store itself
+    target = store if args.precision != AUTO or kernels.available() else None
     # closed on the way out: a reader thread still running at interpreter exit aborts it
-    with _load_engine(args, progress, store, context) as engine:
+    with _load_engine(args, progress, target, context) as engine:
         limits = default_limits(engine.mode, engine.tree_slots)
         if engine.mode == "sd":
             limits = TreeLimits.linear(args.draft_tokens)
@@ -152,7 +179,8 @@ def _generate(args: argparse.Namespace) -> int:
         )
         if args.json:
             result = engine.generate(ids, **options)
-            print(json.dumps({**result.to_dict(), "memory_plan": dataclasses.asdict(engine.plan), "max_context": engine.max_context}, ensure_ascii=False))
+            setup = {**engine.setup(), "load_s": round(args.load_s, 3)}
+            print(json.dumps({**result.to_dict(), "setup": setup, "memory_plan": dataclasses.asdict(engine.plan), "max_context": engine.max_context}, ensure_ascii=False))
             return 0
         for piece in engine.stream(ids, **options):
             sys.stdout.write(piece.text)
@@ -197,6 +225,18 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _chat(args: argparse.Namespace) -> int:
+    from llmcad.chat import run_chat
+
+    interactive = sys.stdin.isatty()
+    with _load_engine(args, sys.stderr.isatty()) as engine:
+        if engine.tokenizer.chat_template is None:
+            raise LlmcadError(f"{engine.name} has no chat template; chat needs one (use generate)")
+        options = dict(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+        banner = f"llmcad chat: {engine.name} ({engine.mode}, {engine.precision}, context {engine.max_context} tokens)"
+        return run_chat(engine.conversation(system=args.system), sys.stdin, sys.stdout, interactive, options, banner=banner)
+
+
 def _tree_printer(tokenizer):
     def show(tree, path):
         print(f"--- tree: {tree.size - 1} drafted, {len(path) - 1} accepted", file=sys.stderr)
@@ -225,6 +265,7 @@ def _info(args: argparse.Namespace) -> int:
         "tokenizer_vocab": tok.vocab_size,
         "eos_tokens": [tok.id_to_token(i) for i in sorted(tok.eos_token_ids)],
         "chat_template": tok.chat_template is not None,
+        "paired_draft": hub.paired_draft(args.model),  # the draft generate, chat and serve take by default
     }
     if args.json:
         print(json.dumps(facts))
@@ -249,6 +290,46 @@ def _convert(args: argparse.Namespace) -> int:
     store = LayerStore.open(convert(ckpt, out, args.precision, progress), verify=False)
     size = sum(f["bytes"] for f in store.files.values())
     print(f"{store.path}: {store.config.num_layers} layers of {store.layer_bytes / 2**20:.1f} MB, {size / 2**20:.0f} MB in all ({args.precision})")
+    return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    """Hash the model file (where the hub knows its sha256) and its cached stores in full;
+    one line per thing checked, or an error at the first mismatch."""
+    from tqdm import tqdm
+
+    from llmcad.store import MANIFEST, LayerStore, file_sha256, store_path
+
+    progress = sys.stderr.isatty()
+    spec = hub.MODELS.get(args.model)
+    if spec is not None:
+        path = hub.llmcad_home() / "models" / spec.filename
+        if not path.is_file():
+            raise LlmcadError(f"model {spec.alias} is not pulled (llmcad pull {spec.alias})")
+    else:
+        path = hub.resolve_model(args.model, progress=False)
+        pulled = {(hub.llmcad_home() / "models" / s.filename).resolve(): s for s in hub.MODELS.values()}
+        spec = pulled.get(path.resolve())
+    if spec is not None:
+        size = path.stat().st_size
+        with tqdm(total=size, unit="B", unit_scale=True, desc=f"verifying {path.name}", disable=not progress) as bar:
+            sha = file_sha256(path, bar.update)
+        if (size, sha) != (spec.size, spec.sha256):
+            raise LlmcadError(f"{path}: {size} bytes with sha256 {sha}, expected {spec.size} bytes with sha256 {spec.sha256} (delete it and run llmcad pull {spec.alias})")
+        print(f"{path}: OK ({size} bytes, the sha256 of {spec.alias})")
+    if (path / MANIFEST).is_file():
+        stores = [path]
+    else:
+        stores = [store_path(path, p) for p in ([args.precision] if args.precision else PRECISIONS)]
+        stores = [s for s in stores if (s / MANIFEST).is_file()]
+        if args.precision and not stores:
+            raise LlmcadError(f"{args.model}: no {args.precision} layer store converted (llmcad convert {args.model} --precision {args.precision})")
+    for folder in stores:
+        store = LayerStore.open(folder, full=True, progress=progress)
+        size = sum(f["bytes"] for f in store.files.values())
+        print(f"{store.path}: OK ({len(store.files)} files, {size / 2**20:.0f} MB, {store.precision})")
+    if spec is None and not stores:
+        print(f"{args.model}: nothing to verify (no layer store converted, and not a model pulled by llmcad)")
     return 0
 
 

@@ -11,11 +11,12 @@ from dataclasses import dataclass
 import torch
 
 from llmcad import kernels
-from llmcad.budget import MemoryPlan, activation_bytes, parse_size, plan_memory, release_free_memory, return_large_blocks_at_once
+from llmcad.budget import MB, MemoryPlan, activation_bytes, auto_budget, parse_size, plan_memory, release_free_memory, return_large_blocks_at_once
 from llmcad.config import ModelConfig
-from llmcad.errors import LlmcadError
+from llmcad.conversation import Conversation
+from llmcad.errors import BudgetTooSmall, LlmcadError
 from llmcad.generate import Generation, GenerationStats, Piece, autoregressive, stream_text
-from llmcad.hub import DEFAULT_TARGET, resolve_model
+from llmcad.hub import DEFAULT_TARGET, paired_draft, resolve_model
 from llmcad.model import ROW_CHUNK, KVCache, Transformer
 from llmcad.quant import convert_submodule, vocab_precision
 from llmcad.sampling import Sampler, SamplingParams
@@ -27,6 +28,7 @@ from llmcad.tokenizer import Tokenizer
 from llmcad.tree import TokenTree
 from llmcad.weights import Checkpoint, load_model, open_checkpoint
 
+AUTO = "auto"  # a default chosen from the models, the machine and the memory plan (Engine.load)
 # GGUF's own blocks on the native kernels where they were built; else PyTorch's int8
 DEFAULT_PRECISION = "gguf" if kernels.available() else "int8"
 DEFAULT_MAX_CONTEXT = 4096
@@ -55,6 +57,8 @@ def default_limits(mode: str, tree_slots: int) -> TreeLimits | None:
 class Draft:
     model: Transformer
     cache: KVCache | None
+    name: str
+    precision: str
 
 
 class Engine:
@@ -91,18 +95,19 @@ class Engine:
         self.fallback = fallback
         self._policies = {}
         self.lock = threading.Lock()
+        self.budget_note = "given" if self.plan.budget is not None else "none"  # how the budget was chosen
 
     @classmethod
     def load(
         cls,
         target: str | os.PathLike | LayerStore = DEFAULT_TARGET,
         *,
-        draft: str | os.PathLike | None = None,
+        draft: str | os.PathLike | None = AUTO,
         mode: str | None = None,
-        precision: str = DEFAULT_PRECISION,
-        draft_precision: str = DEFAULT_PRECISION,
+        precision: str = AUTO,
+        draft_precision: str = AUTO,
         max_context: int | None = None,
-        memory_budget: int | str | None = None,
+        memory_budget: int | str | None = AUTO,
         keep_page_cache: bool = False,
         fallback: str = DEFAULT_FALLBACK,
         draft_vocab: int | None = None,
@@ -116,30 +121,57 @@ class Engine:
         limits) or "llmcad" (tree grown until the `fallback` policy, "fixed", "llmcad" or
         "cost", says verify). The default is "llmcad" with a draft, else "ar".
 
+        Defaults ("auto"): the draft paired with a target alias (`hub.PAIRS`; None: no
+        draft); precision gguf where the native kernels built, else int8, or q4 when the
+        budget cannot hold int8 (the draft's follows the target's); the memory budget the
+        memory available to this process (`budget.auto_budget`: MemAvailable or its memory
+        cgroup's limit, less a headroom), so that the target streams where it does not fit
+        and is wholly resident where it does.
+
         `memory_budget` (bytes, or text such as "1.5GB") bounds the whole process: the
         engine keeps as much of the target resident as fits and streams the rest; None
-        keeps everything resident. `max_context` defaults to 4096 tokens, or under a budget
-        to the largest of 4096, 2048, 1024, 512 that fits (tree slots: 64, or 32 under a
-        budget). Every token of context costs KV cache and activation memory that a
-        budget would otherwise spend on resident layers (the q4 pair at 2000 MB keeps 13 of
-        28 layers with 4096 tokens, 27 with 512), so a caller who knows its job's length
-        should pass it. Streamed layers are read past the OS page cache (O_DIRECT, or
-        dropped from it after use) unless `keep_page_cache`. With `draft_vocab` the draft
-        proposes only the first `draft_vocab` token ids and the special tokens (see
-        `draft_head_ids`)."""
-        budget = None if memory_budget is None else parse_size(memory_budget)
+        keeps everything resident, unplanned. `max_context` defaults to 4096 tokens, or
+        under a budget to the largest of 4096, 2048, 1024, 512 that fits (tree slots: 64
+        where everything is resident, else 32). Every token of context costs KV cache and
+        activation memory that a budget would otherwise spend on resident layers (the q4
+        pair at 2000 MB keeps 13 of 28 layers with 4096 tokens, 27 with 512), so a caller
+        who knows its job's length should pass it. Streamed layers are read past the OS
+        page cache (O_DIRECT, or dropped from it after use) unless `keep_page_cache`. With
+        `draft_vocab` the draft proposes only the first `draft_vocab` token ids and the
+        special tokens (see `draft_head_ids`)."""
+        if draft == AUTO:
+            draft = paired_draft(target)
+        if precision == AUTO and isinstance(target, LayerStore):
+            precision = target.precision  # a store is computed in its own precision
+        options = dict(draft=draft, mode=mode, max_context=max_context, memory_budget=memory_budget,
+                       keep_page_cache=keep_page_cache, fallback=fallback, draft_vocab=draft_vocab, progress=progress)
+        if precision != AUTO or kernels.available():
+            precision = DEFAULT_PRECISION if precision == AUTO else precision
+            return cls._load(target, precision=precision, draft_precision=precision if draft_precision == AUTO else draft_precision, **options)
+        try:  # no native kernels: PyTorch's int8 is faster than its 4-bit kernel, and twice the size
+            return cls._load(target, precision="int8", draft_precision="int8" if draft_precision == AUTO else draft_precision, **options)
+        except BudgetTooSmall:
+            pass  # retried once the failed attempt's frames (a loaded draft) are gone
+        return cls._load(target, precision="q4", draft_precision="q4" if draft_precision == AUTO else draft_precision, **options)
+
+    @classmethod
+    def _load(cls, target, *, draft, mode, precision, draft_precision, max_context, memory_budget, keep_page_cache, fallback, draft_vocab, progress) -> Engine:
         if "gguf" in (precision, draft_precision if draft is not None else None) and not kernels.available():
             raise LlmcadError(f"precision gguf needs the native kernels: {kernels.unavailable_reason()}")
-        if budget is not None:
+        if memory_budget is not None:
             return_large_blocks_at_once()
         store = open_store(target, precision, progress)
         store.tokenizer  # loaded before the runtime is measured: it is part of it
         config = store.config
-        if budget is not None:
+        if memory_budget is not None:
             for p in {store.precision, draft_precision} if draft is not None else {store.precision}:
                 map_kernels(config, p)
             release_free_memory()
         runtime = current_rss()  # interpreter, libraries, tokenizer and the kernels' code
+        if memory_budget == AUTO:
+            budget, budget_note = auto_budget(runtime)
+        else:
+            budget, budget_note = (None, "none") if memory_budget is None else (parse_size(memory_budget), "given")
         draft_state, draft_bytes, limit = None, 0, config.max_position_embeddings
         if draft is not None:
             before = current_rss()
@@ -148,45 +180,59 @@ class Engine:
             head_ids = draft_head_ids(store.tokenizer, draft_ckpt.config.vocab_size, draft_vocab)
             draft_model = load_model(draft_ckpt, draft_precision, progress=progress, embedding_on_demand=True, head_ids=head_ids)
             limit = min(limit, draft_ckpt.config.max_position_embeddings)
+            draft_state = Draft(draft_model, None, draft_ckpt.path.name, draft_precision)
             del draft_ckpt  # its metadata (vocabulary strings) is not needed any more
             release_free_memory()
             # what loading really cost (allocator leftovers included), not less than the tensors
             draft_bytes = max(_tensor_bytes(draft_model), current_rss() - before)
-            draft_state = Draft(draft_model, None)
         if max_context or budget is None:
             contexts = [min(max_context or DEFAULT_MAX_CONTEXT, limit)]
         else:
             contexts = sorted({min(c, limit) for c in CONTEXTS_UNDER_BUDGET}, reverse=True)
         models = [store] + ([draft_state.model] if draft_state else [])
-        slots = TREE_SLOTS if budget is None else TREE_SLOTS_UNDER_BUDGET
+
+        def plan_for(context: int, slots: int) -> MemoryPlan:
+            return plan_memory(
+                config,
+                budget,
+                layer_bytes=store.layer_bytes,
+                head_bytes=store.head_layout.nbytes,
+                embed_bytes=store.embed_layout.nbytes,
+                runtime=runtime,
+                draft=draft_bytes,
+                # the draft's cache also holds what it grows while the target verifies
+                kv_cache=sum(KVCache.bytes_for(c.config, context + slots * (1 + i)) for i, c in enumerate(models)),
+                activations=sum(
+                    # logits: a tree's rows (the target alone: one), a draft pass's rows
+                    activation_bytes(c.config, context + slots, ROW_CHUNK, rows) for c, rows in zip(models, (slots if draft_state else 1, DRAFT_ROWS))
+                )
+                + (slots * config.vocab_size * 2 if draft_state else 0),  # a sampled tree's draft distributions (fp16)
+            )
+
+        def whole_with_big_trees(context: int) -> MemoryPlan | None:
+            try:
+                plan = plan_for(context, TREE_SLOTS)
+            except BudgetTooSmall:
+                return None
+            return plan if plan.bytes_per_pass == 0 else None
+
         for context in contexts:
             try:
-                plan = plan_memory(
-                    config,
-                    budget,
-                    layer_bytes=store.layer_bytes,
-                    head_bytes=store.head_layout.nbytes,
-                    embed_bytes=store.embed_layout.nbytes,
-                    runtime=runtime,
-                    draft=draft_bytes,
-                    # the draft's cache also holds what it grows while the target verifies
-                    kv_cache=sum(KVCache.bytes_for(c.config, context + slots * (1 + i)) for i, c in enumerate(models)),
-                    activations=sum(
-                        # logits: a tree's rows (the target alone: one), a draft pass's rows
-                        activation_bytes(c.config, context + slots, ROW_CHUNK, rows) for c, rows in zip(models, (slots if draft_state else 1, DRAFT_ROWS))
-                    )
-                    + (slots * config.vocab_size * 2 if draft_state else 0),  # a sampled tree's draft distributions (fp16)
-                )
+                plan, slots = whole_with_big_trees(context), TREE_SLOTS
+                if plan is None:  # streamed: smaller trees leave more memory to resident layers
+                    plan, slots = plan_for(context, TREE_SLOTS_UNDER_BUDGET), TREE_SLOTS_UNDER_BUDGET
                 break
-            except LlmcadError as e:
+            except BudgetTooSmall as e:
                 if context == contexts[-1]:
                     small = {"q4", "gguf"}  # the 4-bit precisions (gguf: a Q4_K_M file's 4-6-bit blocks)
                     smallest = store.precision in small and (draft is None or draft_precision in small)
-                    raise LlmcadError(str(e) + ("" if smallest else ", or store the models in 4-bit blocks (--precision gguf --draft-precision gguf)")) from None
+                    hint = "" if smallest else ", or store the models in 4-bit blocks (--precision gguf --draft-precision gguf)"
+                    raise BudgetTooSmall(f"{e}{hint}" + (f" ({budget_note})" if budget_note.startswith("auto") else ""), e.minimum) from None
         if draft_state is not None:
             draft_state.cache = KVCache(draft_state.model.config, context + 2 * slots)
         model = StreamedTransformer(store, plan, drop_page_cache=not keep_page_cache)
         engine = cls(model, store, context, draft_state, mode, slots, fallback)
+        engine.budget_note = budget_note
         return engine
 
     def close(self) -> None:
@@ -202,6 +248,33 @@ class Engine:
     @property
     def name(self) -> str:
         return self.store.name
+
+    def setup(self) -> dict:
+        """What was chosen: models, precisions, mode, budget (JSON-ready)."""
+        return {
+            "target": self.name,
+            "precision": self.precision,
+            "draft": self.draft.name if self.draft else None,
+            "draft_precision": self.draft.precision if self.draft else None,
+            "mode": self.mode,
+            "fallback": self.fallback if self.mode == "llmcad" else None,
+            "memory_budget": self.plan.budget,
+            "budget_source": self.budget_note,
+            "max_context": self.max_context,
+        }
+
+    def describe(self) -> str:
+        """The setup and the memory plan in two lines."""
+        plan, draft = self.plan, self.draft
+        models = f"{self.name} ({self.precision})" + (f" + draft {draft.name} ({draft.precision})" if draft else ", no draft")
+        mode = self.mode + (f" (fallback {self.fallback})" if self.mode == "llmcad" else "")
+        budget = "no budget" if plan.budget is None else f"budget {plan.budget / MB:.0f} MB ({self.budget_note})"
+        if plan.bytes_per_pass:
+            head = ", head" if plan.head_resident else ""
+            where = f"target streamed, {plan.bytes_per_pass / MB:.0f} MB a pass ({len(plan.resident_layers)}/{plan.num_layers} layers{head} resident)"
+        else:
+            where = "target wholly resident"
+        return f"llmcad: {models}, mode {mode}\n  {budget}, planned {plan.total / MB:.0f} MB: {where}; context {self.max_context} tokens"
 
     def stream(
         self,
@@ -219,6 +292,7 @@ class Engine:
         fallback: str | Fallback | None = None,
         pipeline: bool = False,
         on_verify: Callable[[TokenTree, list[int]], None] | None = None,
+        cache_prompt: bool = True,
     ) -> Iterator[Piece]:
         """Yield the continuation of `prompt` (text, or token ids) piece by piece; the last
         piece has the finish reason and the stats, and the first piece after each
@@ -229,7 +303,10 @@ class Engine:
         `pipeline` (mode llmcad) lets the draft keep drafting during verification (off by
         default: on 2 cores it takes the CPU the target's compute needs; see
         docs/ARCHITECTURE.md).
-        `on_verify(tree, accepted_path)` sees every tree."""
+        `on_verify(tree, accepted_path)` sees every tree. With `cache_prompt` (the default)
+        a prompt that begins with tokens the caches already hold (the last prompt and its
+        answer, as in a conversation) prefills only the rest; the output is the same either
+        way. The stats' `prompt_tokens_reused` says how many were kept."""
         ids = self._ids(prompt)
         params = SamplingParams(temperature, top_k, top_p, seed)
         mode = mode or self.mode
@@ -256,11 +333,13 @@ class Engine:
             if (fallback, limits) not in self._policies:
                 self._policies[fallback, limits] = make_fallback(fallback, limits)
             policy = self._policies[fallback, limits]
-        return self._stream(ids, params, mode, policy, extend_passes, on_verify, max_tokens, stops, ignore_eos)
+        return self._stream(ids, params, mode, policy, extend_passes, on_verify, max_tokens, stops, ignore_eos, cache_prompt)
 
-    def _stream(self, ids, params, mode, policy, extend_passes, on_verify, max_tokens, stop, ignore_eos) -> Iterator[Piece]:
+    def _stream(self, ids, params, mode, policy, extend_passes, on_verify, max_tokens, stop, ignore_eos, cache_prompt) -> Iterator[Piece]:
         with self.lock:
-            extra = {"mode": mode, "precision": self.precision}
+            if not cache_prompt:
+                self.forget_prompts()
+            extra = {"mode": mode, "precision": self.precision, "prompt_tokens_reused": self.cache.keep_prefix(ids)}
             if policy is not None:
                 extra.update(fallback=policy.name, extend_passes=extend_passes)
             stats = GenerationStats(prompt_tokens=len(ids), extra=extra)
@@ -281,6 +360,12 @@ class Engine:
                     if decoder is not None:
                         piece.stats.extra.update(decoder.stats.summary())
                 yield piece
+
+    def forget_prompts(self) -> None:
+        """Empty the prompt cache: the next generation prefills its whole prompt."""
+        for cache in (self.cache, self.draft and self.draft.cache):
+            if cache is not None:
+                cache.tokens.clear()
 
     def generate(self, prompt: str | Sequence[int], **options) -> Generation:
         """Generate to completion; takes the same options as `stream`."""
@@ -305,6 +390,10 @@ class Engine:
     def chat(self, messages: list[dict], **options) -> Generation:
         """Answer a conversation ([{"role": ..., "content": ...}, ...]) with the chat template."""
         return self.generate(self.chat_prompt(messages), **options)
+
+    def conversation(self, system: str | None = None, messages: list[dict] | None = None) -> Conversation:
+        """A multi-turn conversation with this engine (see `llmcad.conversation`)."""
+        return Conversation(self, system, messages)
 
     @staticmethod
     def _check_fallback(fallback: str) -> None:
@@ -331,13 +420,13 @@ class Engine:
 
 def open_store(target: str | os.PathLike | LayerStore, precision: str, progress: bool) -> LayerStore:
     """The layer store of `target`: a store (or store folder) as is, else a model converted
-    (once, then cached)."""
+    (once, then cached; the model is read only to convert it)."""
     if isinstance(target, LayerStore):
         return target
     path = resolve_model(target, progress=progress)
     if (path / "manifest.json").is_file():
         return LayerStore.open(path, progress=progress)
-    return ensure_store(open_checkpoint(path), precision, progress)
+    return ensure_store(path, precision, progress)
 
 
 def map_kernels(config: ModelConfig, precision: str) -> None:

@@ -17,13 +17,16 @@ from llmcad.tokenizer import Tokenizer
 
 
 def autoregressive(model: Transformer, cache: KVCache, prompt: Sequence[int], sampler: Sampler) -> Iterator[int]:
-    """Target-only decoding: prefill the prompt, then one forward pass per new token."""
-    logits = model(torch.tensor(prompt), torch.arange(len(prompt)), cache, 0, last_only=True)
-    n = len(prompt)
+    """Target-only decoding: prefill the prompt (past what `cache` already holds of it),
+    then one forward pass per new token."""
+    start, n = cache.keep_prefix(prompt), len(prompt)
+    logits = model(torch.tensor(prompt[start:]), torch.arange(start, n), cache, start, last_only=True)
+    cache.tokens = list(prompt)
     while True:
         token = sampler(logits[-1])
         yield token
         logits = model(torch.tensor([token]), torch.tensor([n]), cache, n)
+        cache.tokens.append(token)
         n += 1
 
 

@@ -1,12 +1,15 @@
-"""Reading a GGUF file's index: metadata and the tensor table, with tensor data memory-mapped.
+"""Reading a GGUF file's index: metadata and the tensor table, from a mapping of the file
+closed once it is read.
 
 The `gguf` package's GGUFReader builds a numpy view per metadata item, which takes 15 s on
-a Qwen2 file (300k vocabulary and merge strings); this reads the same index in well under a
-second. Tensor data is dequantized with the `gguf` package itself.
+a Qwen2 file (300k vocabulary and merge strings); this reads the same index in about 0.15 s
+(string arrays in one tight loop over an mmap, whose slices are bytes). Tensor data is
+dequantized with the `gguf` package itself.
 """
 
 from __future__ import annotations
 
+import mmap
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +37,7 @@ SCALARS = {
     12: ("<d", np.float64),
 }
 STRING, ARRAY = 8, 9
+U64 = struct.Struct("<Q")
 
 
 @dataclass(frozen=True)
@@ -52,17 +56,19 @@ class GGUFFile:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         try:
-            index = np.memmap(path, dtype=np.uint8, mode="r")
-        except (OSError, ValueError) as e:
+            with open(path, "rb") as f:
+                index = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        except (OSError, ValueError) as e:  # ValueError: an empty file
             raise LlmcadError(f"{path}: cannot read ({e})") from None
-        try:
-            self.fields, self.tensors = self._parse(memoryview(index))
-        except struct.error as e:  # a read past the end of the buffer
-            raise LlmcadError(f"{path}: not a readable GGUF file (truncated or corrupt: {e})") from None
-        except (UnicodeDecodeError, ValueError, KeyError) as e:
-            raise LlmcadError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from None
+        with index:
+            try:
+                self.fields, self.tensors = self._parse(index)
+            except struct.error as e:  # a read past the end of the buffer
+                raise LlmcadError(f"{path}: not a readable GGUF file (truncated or corrupt: {e})") from None
+            except (UnicodeDecodeError, ValueError, KeyError) as e:
+                raise LlmcadError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from None
 
-    def _parse(self, buf: memoryview) -> tuple[dict[str, Any], list[GGUFTensor]]:
+    def _parse(self, buf: mmap.mmap) -> tuple[dict[str, Any], list[GGUFTensor]]:
         if bytes(buf[:4]) != MAGIC:
             raise ValueError("bad magic bytes")
         version, n_tensors, n_fields = struct.unpack_from("<IQQ", buf, 4)
@@ -130,15 +136,31 @@ def read_tensor(path: Path, tensor: GGUFTensor, rows: slice | None = None) -> np
     return raw.reshape(-1, row_bytes)
 
 
-def _string(buf: memoryview, pos: int) -> tuple[str, int]:
-    (n,) = struct.unpack_from("<Q", buf, pos)
+def _string(buf: mmap.mmap, pos: int) -> tuple[str, int]:
+    (n,) = U64.unpack_from(buf, pos)
     end = pos + 8 + n
     if end > len(buf):
         raise ValueError("truncated metadata")
-    return str(buf[pos + 8 : end], "utf-8"), end
+    return buf[pos + 8 : end].decode(), end
 
 
-def _value(buf: memoryview, pos: int, kind: int) -> tuple[Any, int]:
+def _strings(buf: mmap.mmap, pos: int, count: int) -> tuple[list[str], int]:
+    """An array of `count` strings from `pos`: a vocabulary's 150k tokens in one loop."""
+    unpack, size = U64.unpack_from, len(buf)
+    items: list[str] = []
+    append = items.append
+    for _ in range(count):
+        (n,) = unpack(buf, pos)
+        pos += 8
+        end = pos + n
+        if end > size:
+            raise ValueError("truncated metadata")
+        append(buf[pos:end].decode())
+        pos = end
+    return items, pos
+
+
+def _value(buf: mmap.mmap, pos: int, kind: int) -> tuple[Any, int]:
     if kind == STRING:
         return _string(buf, pos)
     if kind == ARRAY:
@@ -150,6 +172,8 @@ def _value(buf: memoryview, pos: int, kind: int) -> tuple[Any, int]:
             if end > len(buf):
                 raise ValueError("truncated metadata")
             return np.frombuffer(buf[pos:end], dtype=dtype).tolist(), end
+        if item_kind == STRING:
+            return _strings(buf, pos, count)
         items = []
         for _ in range(count):
             item, pos = _value(buf, pos, item_kind)

@@ -88,6 +88,14 @@ MODELS: dict[str, ModelSpec] = {
 }
 DEFAULT_TARGET = "qwen2.5-coder-1.5b"
 DEFAULT_DRAFT = "qwen2.5-coder-0.5b"
+# the draft a target alias gets unless another (or none) is asked for: same tokenizer, and
+# measured to pay (docs/ARCHITECTURE.md)
+PAIRS = {DEFAULT_TARGET: DEFAULT_DRAFT}
+
+
+def paired_draft(target: str | os.PathLike) -> str | None:
+    """The draft alias paired with `target`, if it is an alias that has one."""
+    return PAIRS.get(target) if isinstance(target, str) else None
 
 
 def pull(alias: str, *, progress: bool = True) -> Path:

@@ -10,6 +10,8 @@ Batch size is always 1; tensors carry no batch dimension.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -21,13 +23,31 @@ ROW_CHUNK = 64  # tokens run through a layer at a time: bounds activation memory
 
 
 class KVCache:
-    """Keys and values for every layer, preallocated for `max_len` slots."""
+    """Keys and values for every layer, preallocated for `max_len` slots.
+
+    `tokens` names what the first slots hold: the keys and values of `tokens[i]` at
+    position i are in slot i. Decoders extend it only after a pass has written those slots
+    and cut it before a pass overwrites any, so it is true at every moment, and a later
+    prompt that begins with the same tokens reuses those entries (the prompt cache)."""
 
     def __init__(self, config: ModelConfig, max_len: int, dtype: torch.dtype = torch.float32):
         shape = (config.num_layers, config.num_kv_heads, max_len, config.head_dim)
         self.k = torch.zeros(shape, dtype=dtype)
         self.v = torch.zeros(shape, dtype=dtype)
         self.max_len = max_len
+        self.tokens: list[int] = []
+
+    def keep_prefix(self, ids: Sequence[int]) -> int:
+        """Keep the entries of the longest common prefix of `tokens` and `ids`, short of
+        the last id (a pass must run at least one token to give logits); forget the rest.
+        Returns how many entries are kept."""
+        n = 0
+        for cached, new in zip(self.tokens, ids[: len(ids) - 1]):
+            if cached != new:
+                break
+            n += 1
+        del self.tokens[n:]
+        return n
 
     @property
     def nbytes(self) -> int:

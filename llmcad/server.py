@@ -109,10 +109,10 @@ def _number(body: dict, name: str, default: Any, low: float, high: float, intege
     return value
 
 
-def _flag(body: dict, name: str) -> bool:
-    value = body.get(name, False)
+def _flag(body: dict, name: str, default: bool = False) -> bool:
+    value = body.get(name, default)
     if value is None:
-        return False
+        return default
     if not isinstance(value, bool):
         raise ApiError(400, f"'{name}' must be a boolean, got {_show(value)}", param=name, code="invalid_type")
     return value
@@ -229,6 +229,8 @@ def parse_job(body: dict, engine: Engine, chat: bool, model_ids: list[str]) -> J
         seed=_number(body, "seed", None, -(2**63), 2**63 - 1, integer=True),
         stop=_stop(body),
         ignore_eos=_flag(body, "ignore_eos"),  # extension, as llama.cpp and vLLM
+        # extension, as llama.cpp: reuse the keys and values of the last request's prompt and answer
+        cache_prompt=_flag(body, "cache_prompt", True),
     )
     if options["top_p"] == 0:
         raise ApiError(400, "'top_p' must be greater than 0", param="top_p", code="invalid_value")
@@ -310,7 +312,7 @@ class Metrics:
         self._lock = threading.Lock()
         self.requests: Counter[tuple[str, int]] = Counter()
         self.cancelled: Counter[str] = Counter()
-        self.prompt_tokens = self.completion_tokens = 0
+        self.prompt_tokens = self.completion_tokens = self.prompt_tokens_reused = 0
         self.generation_s = 0.0
         self.last_tokens_per_s = 0.0
         self.verifications = self.accepted_tokens = 0
@@ -334,6 +336,7 @@ class Metrics:
                 return
             self.last_tokens_per_s = stats.decode_tokens_per_s
             extra = stats.extra
+            self.prompt_tokens_reused += int(extra.get("prompt_tokens_reused", 0))
             if "verifications" in extra:
                 self.verifications += int(extra["verifications"])
                 self.accepted_tokens += round(extra["accepted_per_verification"] * extra["verifications"])
@@ -356,6 +359,7 @@ class Metrics:
                 (f'{{reason="{reason}"}}', n) for reason, n in sorted(self.cancelled.items())
             ])
             metric("llmcad_prompt_tokens_total", "counter", "Prompt tokens processed.", [("", self.prompt_tokens)])
+            metric("llmcad_prompt_tokens_reused_total", "counter", "Prompt tokens whose keys and values were kept from the last request (completed generations).", [("", self.prompt_tokens_reused)])
             metric("llmcad_generated_tokens_total", "counter", "Tokens generated.", [("", self.completion_tokens)])
             metric("llmcad_generation_seconds_total", "counter", "Time spent generating.", [("", self.generation_s)])
             metric("llmcad_decode_tokens_per_second", "gauge", "Decode speed of the last completed generation.", [("", self.last_tokens_per_s)])
@@ -543,7 +547,9 @@ class Handler(BaseHTTPRequestHandler):
             finally:
                 pieces.close()
                 s.metrics.generation(len(job.prompt), tokens, time.monotonic() - start, stats, outcome)
-        writer.finish(finish, {"prompt_tokens": len(job.prompt), "completion_tokens": tokens, "total_tokens": len(job.prompt) + tokens})
+        cached = int(stats.extra.get("prompt_tokens_reused", 0)) if stats is not None else 0
+        usage = {"prompt_tokens": len(job.prompt), "completion_tokens": tokens, "total_tokens": len(job.prompt) + tokens}
+        writer.finish(finish, {**usage, "prompt_tokens_details": {"cached_tokens": cached}})
 
     def _client_gone(self) -> bool:
         """True when the client has closed its end. Data it sent ahead (a pipelined request)

@@ -132,16 +132,21 @@ class SpeculativeDecoder:
 
     def generate(self, prompt: Sequence[int]) -> Generator[int, None, None]:
         committed = list(prompt)
+        # the last prompt token is the first tree's root; what the caches hold of the rest is kept
+        target_len, draft_len = self.target_cache.keep_prefix(committed), self.draft_cache.keep_prefix(committed)
         with ThreadPoolExecutor(1, thread_name_prefix="llmcad-draft") as background:
-            draft_len = 0  # committed tokens whose keys/values the draft cache holds
-            if len(committed) > 1:  # the last prompt token is the first tree's root
-                prompt_ids, positions = torch.tensor(committed[:-1]), torch.arange(len(committed) - 1)
-                pipelined = self.extend_passes > 0
-                draft_prefill = background.submit(self.draft, prompt_ids, positions, self.draft_cache, 0, None, True) if pipelined else None
-                self.target(prompt_ids, positions, self.target_cache, 0, last_only=True)
-                if draft_prefill is not None:
-                    draft_prefill.result()
-                    draft_len = len(committed) - 1
+            draft_prefill = None
+            if self.extend_passes and draft_len < len(committed) - 1:
+                rest = committed[draft_len:-1]
+                draft_prefill = background.submit(self.draft, torch.tensor(rest), torch.arange(draft_len, len(committed) - 1), self.draft_cache, draft_len, None, True)
+            if target_len < len(committed) - 1:
+                rest = committed[target_len:-1]
+                self.target(torch.tensor(rest), torch.arange(target_len, len(committed) - 1), self.target_cache, target_len, last_only=True)
+                self.target_cache.tokens = committed[:-1]
+            if draft_prefill is not None:
+                draft_prefill.result()
+                draft_len = len(committed) - 1
+                self.draft_cache.tokens = committed[:-1]
             carried: tuple[TokenTree, dict[int, _Slots]] | None = None
             while True:
                 prefix = len(committed) - 1
@@ -177,6 +182,7 @@ class SpeculativeDecoder:
                 self.draft_cache.move(torch.tensor(in_draft, dtype=torch.long), prefix + 1)
                 new = [int(tree.tokens[i]) for i in accepted] + [bonus]
                 committed += new
+                self.target_cache.tokens, self.draft_cache.tokens = committed[:-1], committed[:draft_len]
                 yield from new
 
     def _run_draft(self, tokens: torch.Tensor, positions: torch.Tensor, start: int, mask: torch.Tensor | None, last_only: bool = True, timed: bool = True) -> torch.Tensor:

@@ -8,6 +8,12 @@
     embed.safetensors        token embedding `weight` [vocab, hidden] (+ int8 `scale` [vocab])
     head.safetensors         output head, same layout (absent when tied to the embedding)
     norm.safetensors         final norm
+    verified.json            the stamp: each file's size and mtime when it was last hashed
+
+Integrity: every file is hashed when written. Opening checks sizes and the stamp, and
+re-hashes only files changed since their last full check (or with no stamp); a file
+rewritten in place with its size and mtime restored goes unnoticed until `verify()`
+(`llmcad verify MODEL`) hashes every file.
 
 Tensors are stored in the compute layout of the store's precision (fp32: float32; int8:
 int8 weights with per-row fp32 scales; q4: the 4-bit kernel's packed codes with bf16 group
@@ -20,13 +26,14 @@ about one layer of memory, not the whole embedding.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import os
 import shutil
 import struct
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -40,13 +47,16 @@ from llmcad.errors import LlmcadError
 from llmcad.model import Block
 from llmcad.quant import PRECISIONS, QuantBlocks, linear_tensors, vocab_precision
 from llmcad.tokenizer import Tokenizer
-from llmcad.weights import IGNORED_HF_TENSORS, Checkpoint, vocab_rows
+from llmcad.weights import IGNORED_HF_TENSORS, Checkpoint, open_checkpoint, source_bytes, vocab_rows
 
 FORMAT = "llmcad-layer-store"
 VERSION = 1
 DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.int8: "I8", torch.uint8: "U8"}
 DTYPE_OF = {v: k for k, v in DTYPES.items()}
 HASH_CHUNK = 16 << 20
+MANIFEST = "manifest.json"
+STAMP = "verified.json"
+Stat = tuple[int, int]  # a file's size and mtime in ns
 
 
 @dataclass(frozen=True)
@@ -137,40 +147,80 @@ def _layer_specs(tensors: dict[str, torch.Tensor | QuantBlocks], precision: str)
 class LayerStore:
     """An opened store: config, tokenizer, file paths and layouts."""
 
-    def __init__(self, path: Path, manifest: dict):
+    def __init__(self, path: Path, manifest: dict, manifest_sha256: str = ""):
         self.path = Path(path)
         self.manifest = manifest
+        self.manifest_sha256 = manifest_sha256  # of the manifest's bytes: the stamp is for this one
         self.config = ModelConfig(**manifest["config"])
         self.precision: str = manifest["precision"]
         self.files: dict[str, dict] = manifest["files"]
 
     @classmethod
-    def open(cls, path: str | os.PathLike, verify: bool = True, progress: bool = False) -> LayerStore:
-        """Open the store at `path`; `verify` checks every file's sha256 (a corrupt or
-        truncated file is an error naming it)."""
+    def open(cls, path: str | os.PathLike, verify: bool = True, progress: bool = False, full: bool = False) -> LayerStore:
+        """Open the store at `path`. Every file's size is checked; `verify` hashes the files
+        changed since their last check (per the stamp: all of them without one), `full`
+        every file (a corrupt or truncated file is an error naming it)."""
         path = Path(path)
         try:
-            manifest = json.loads((path / "manifest.json").read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise LlmcadError(f"{path / 'manifest.json'}: unreadable store manifest ({e})") from None
+            raw = (path / MANIFEST).read_bytes()
+            manifest = json.loads(raw)
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise LlmcadError(f"{path / MANIFEST}: unreadable store manifest ({e})") from None
         if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
             raise LlmcadError(f"{path}: not a version {VERSION} llmcad layer store")
-        store = cls(path, manifest)
-        for name, info in store.files.items():
-            size = (path / name).stat().st_size if (path / name).is_file() else None
-            if size != info["bytes"]:
-                found = "missing" if size is None else f"{size} bytes"
-                raise LlmcadError(f"{path / name}: store file is {found}, expected {info['bytes']} bytes (truncated or replaced?)")
-        if verify:
-            store.verify(progress)
+        store = cls(path, manifest, hashlib.sha256(raw).hexdigest())
+        stats = store._stats()
+        if full:
+            store._hash(list(store.files), stats, progress)
+        elif verify:
+            store._hash(store._stale(stats), stats, progress)
         return store
 
     def verify(self, progress: bool = False) -> None:
-        total = sum(info["bytes"] for info in self.files.values())
+        """Hash every file against the manifest (a mismatch is an error naming the file),
+        then stamp the store as checked."""
+        self._hash(list(self.files), self._stats(), progress)
+
+    def _stats(self) -> dict[str, Stat]:
+        """Each file's size and mtime; a missing file or one of the wrong size is an error."""
+        stats = {}
+        for name, info in self.files.items():
+            try:
+                st = (self.path / name).stat()
+                stats[name] = (st.st_size, st.st_mtime_ns)
+            except FileNotFoundError:
+                st = None
+            if st is None or st.st_size != info["bytes"]:
+                found = "missing" if st is None else f"{st.st_size} bytes"
+                raise LlmcadError(f"{self.path / name}: store file is {found}, expected {info['bytes']} bytes (truncated or replaced?)")
+        return stats
+
+    def _stale(self, stats: dict[str, Stat]) -> list[str]:
+        """The files not known good: those whose size or mtime differ from the stamp's, or
+        whose mtime is not older than the stamp (written in the same clock tick, a change
+        could keep it); every file without a stamp or when the manifest changed."""
+        try:
+            stamp = json.loads((self.path / STAMP).read_bytes())
+            written = (self.path / STAMP).stat().st_mtime_ns
+            if stamp["manifest_sha256"] == self.manifest_sha256:
+                return [name for name, stat in stats.items() if stamp["files"].get(name) != list(stat) or stat[1] >= written]
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):  # none, or unreadable
+            pass
+        return list(self.files)
+
+    def _hash(self, names: list[str], stats: dict[str, Stat], progress: bool) -> None:
+        """Hash `names`, then stamp `stats` (taken before: a file changed meanwhile is stale
+        at the next open)."""
+        if not names:
+            return
+        total = sum(self.files[name]["bytes"] for name in names)
         with tqdm(total=total, unit="B", unit_scale=True, desc=f"verifying {self.path.name}", disable=not progress) as bar:
-            for name, info in self.files.items():
-                if _sha256(self.path / name, bar.update) != info["sha256"]:
+            for name in names:
+                if file_sha256(self.path / name, bar.update) != self.files[name]["sha256"]:
+                    with contextlib.suppress(OSError):  # later opens hash again
+                        (self.path / STAMP).unlink()
                     raise LlmcadError(f"{self.path / name}: checksum mismatch (the file is corrupt; delete {self.path} to convert again)")
+        write_stamp(self.path, self.manifest_sha256, stats)
 
     @property
     def name(self) -> str:
@@ -214,7 +264,8 @@ class LayerStore:
         return Tokenizer.from_hf_folder(self.path)
 
 
-def _sha256(path: Path, advance=lambda n: None) -> str:
+def file_sha256(path: Path, advance: Callable[[int], object] = lambda n: None) -> str:
+    """The sha256 of the file at `path`, read a chunk at a time (`advance(bytes)` after each)."""
     digest = hashlib.sha256()
     with open(path, "rb", buffering=0) as f:
         while chunk := f.read(HASH_CHUNK):
@@ -224,26 +275,42 @@ def _sha256(path: Path, advance=lambda n: None) -> str:
     return digest.hexdigest()
 
 
-def store_path(ckpt: Checkpoint, precision: str) -> Path:
-    """Where the store of `ckpt` in `precision` is cached ($LLMCAD_STORES, else the
-    `stores` folder under LLMCAD_HOME), keyed by the source's path, size and modification time."""
+def write_stamp(folder: Path, manifest_sha256: str, stats: dict[str, Stat]) -> None:
+    """Record that the files of the store in `folder` had these sizes and mtimes when they
+    were hashed (skipped where the folder is read-only: every open then hashes)."""
+    tmp = folder / f"{STAMP}.{os.getpid()}"
+    try:
+        tmp.write_text(json.dumps({"manifest_sha256": manifest_sha256, "files": stats}))
+        os.replace(tmp, folder / STAMP)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+
+
+def store_path(source: Checkpoint | Path, precision: str) -> Path:
+    """Where the store of `source` (a checkpoint or a model's path, not read) in `precision`
+    is cached ($LLMCAD_STORES, else the `stores` folder under LLMCAD_HOME), keyed by the
+    source's path, size and modification time."""
     from llmcad.hub import llmcad_home
 
-    source = ckpt.path.resolve()
-    key = hashlib.sha1(f"{source}|{ckpt.file_bytes}|{source.stat().st_mtime_ns}".encode()).hexdigest()[:10]
+    path = source.path if isinstance(source, Checkpoint) else Path(source)
+    file_bytes = source.file_bytes if isinstance(source, Checkpoint) else source_bytes(path)
+    resolved = path.resolve()
+    key = hashlib.sha1(f"{resolved}|{file_bytes}|{resolved.stat().st_mtime_ns}".encode()).hexdigest()[:10]
     root = Path(os.environ.get("LLMCAD_STORES") or llmcad_home() / "stores")
-    return root / f"{ckpt.path.stem}-{precision}-{key}"
+    return root / f"{path.stem}-{precision}-{key}"
 
 
-def ensure_store(ckpt: Checkpoint, precision: str, progress: bool = False) -> LayerStore:
-    """The cached store of `ckpt` in `precision`, converted first if there is none."""
-    path = store_path(ckpt, precision)
-    if (path / "manifest.json").is_file():
+def ensure_store(source: Checkpoint | Path, precision: str, progress: bool = False) -> LayerStore:
+    """The cached store of `source` (a checkpoint, or a model's path: read only to convert
+    it) in `precision`, converted first if there is none."""
+    path = store_path(source, precision)
+    if (path / MANIFEST).is_file():
         return LayerStore.open(path, progress=progress)
+    ckpt = source if isinstance(source, Checkpoint) else open_checkpoint(source)
     try:
         convert(ckpt, path, precision, progress)
     except (LlmcadError, OSError):
-        if not (path / "manifest.json").is_file():
+        if not (path / MANIFEST).is_file():
             raise
         # another process converted the same model meanwhile (first use by two at once): use its store
         return LayerStore.open(path, progress=progress)
@@ -273,7 +340,13 @@ def convert(ckpt: Checkpoint, out: Path, precision: str, progress: bool = False)
             "source": {"name": ckpt.path.name, "path": str(ckpt.path.resolve()), "bytes": ckpt.file_bytes},
             "files": files,
         }
-        (partial / "manifest.json").write_text(json.dumps(manifest, indent=1))
+        raw = json.dumps(manifest, indent=1).encode()
+        (partial / MANIFEST).write_bytes(raw)
+        stats = {}
+        for name in files:
+            st = (partial / name).stat()
+            stats[name] = (st.st_size, st.st_mtime_ns)
+        write_stamp(partial, hashlib.sha256(raw).hexdigest(), stats)  # hashed as written; renaming the folder keeps mtimes
         os.replace(partial, out)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)

@@ -274,9 +274,7 @@ def _is_incomplete(module: nn.Module) -> bool:
 
 
 def _open_hf(folder: Path) -> Checkpoint:
-    config_path = folder / "config.json"
-    if not config_path.is_file():
-        raise LlmcadError(f"{config_path}: missing (a Hugging Face model folder needs config.json)")
+    config_path = _config_path(folder)
     try:
         raw = json.loads(config_path.read_text())
     except (OSError, json.JSONDecodeError) as e:
@@ -290,7 +288,23 @@ def _open_hf(folder: Path) -> Checkpoint:
                 count += len(f.keys())
         except (SafetensorError, OSError) as e:
             raise LlmcadError(f"{file}: unreadable safetensors file ({e})") from None
-    return Checkpoint(folder, config, sum(f.stat().st_size for f in files), count)
+    return Checkpoint(folder, config, source_bytes(folder), count)
+
+
+def source_bytes(path: Path) -> int:
+    """A model's bytes as `Checkpoint.file_bytes` counts them (a GGUF file's size, or the
+    sum of a folder's safetensors files), from the file system alone."""
+    if not path.is_dir():
+        return path.stat().st_size
+    _config_path(path)
+    return sum(f.stat().st_size for f in _safetensors_files(path))
+
+
+def _config_path(folder: Path) -> Path:
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        raise LlmcadError(f"{config_path}: missing (a Hugging Face model folder needs config.json)")
+    return config_path
 
 
 def _safetensors_files(folder: Path) -> list[Path]:

@@ -176,3 +176,14 @@ def smollm2() -> Path:
     from llmcad.hub import resolve_model
 
     return resolve_model("smollm2-135m", progress=False)
+
+
+def smallest_budget(model, **options) -> int:
+    """The least memory budget `Engine.load(model, **options)` accepts: one that streams every
+    layer (pin the measured runtime first, or it will differ between loads)."""
+    from llmcad.engine import Engine
+    from llmcad.errors import BudgetTooSmall
+
+    with pytest.raises(BudgetTooSmall) as refused:
+        Engine.load(model, memory_budget=1, progress=False, **options)
+    return refused.value.minimum

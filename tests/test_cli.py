@@ -73,7 +73,7 @@ def runs(request, tmp_path_factory):
 
     tiny, gguf = request.getfixturevalue("tiny_llama"), request.getfixturevalue("tiny_gguf")
     fp32 = ["--precision", "fp32", "--max-tokens", "8"]
-    runs.start("json", "generate", "--target", tiny, "--json", *fp32, PROMPT)
+    runs.start("json", "generate", "--target", tiny, "--json", "--memory-budget", "none", *fp32, PROMPT)
     runs.start("chat", "generate", "--target", tiny, "--json", "--chat", *fp32, PROMPT)
     runs.start("sampled", "generate", "--target", tiny, "--json", *fp32, *SAMPLED, PROMPT)
     runs.start("sampled_again", "generate", "--target", tiny, "--json", *fp32, *SAMPLED, PROMPT)
@@ -176,6 +176,60 @@ def test_pull_checksum_mismatch(tmp_path, monkeypatch, capsys):
     assert not models.exists() or list(models.iterdir()) == []
 
 
+def test_verify_hashes_the_model_file_and_its_stores(tiny_gguf, tmp_path, monkeypatch, capsys):
+    """`llmcad verify` checks a pulled model's sha256 and every byte of its stores: it finds
+    a layer corrupted in place with its size and mtime kept, which opening does not."""
+    from llmcad.store import LayerStore, store_path
+
+    home = tmp_path / "home"
+    model = home / "models" / "tiny.gguf"
+    model.parent.mkdir(parents=True)
+    shutil.copy(tiny_gguf, model)
+    sha = hashlib.sha256(model.read_bytes()).hexdigest()
+    spec = ModelSpec("tiny-alias", "tiny.gguf", model.stat().st_size, sha, (), "a tiny model")
+    monkeypatch.setattr(hub, "MODELS", {"tiny-alias": spec})
+    monkeypatch.setenv("LLMCAD_HOME", str(home))
+    monkeypatch.setenv("LLMCAD_STORES", str(tmp_path / "stores"))
+    assert cli.main(["convert", str(model), "--precision", "int8"]) == 0
+    store = store_path(model, "int8")
+    capsys.readouterr()
+
+    for args, checked in [
+        (["tiny-alias"], [model, store]),
+        ([str(model), "--precision", "int8"], [model, store]),
+        ([str(store)], [store]),
+    ]:
+        assert cli.main(["verify", *args]) == 0
+        out, err = capsys.readouterr()
+        assert [line.split(": ")[0] for line in out.splitlines()] == [str(path) for path in checked], out
+        assert all(": OK (" in line for line in out.splitlines()) and err == ""
+
+    assert cli.main(["verify", "tiny-alias", "--precision", "fp32"]) == 1
+    assert_one_line_error(capsys.readouterr().err, "no fp32 layer store converted")
+
+    layer = store / "layer_001.safetensors"
+    st = layer.stat()
+    data = bytearray(layer.read_bytes())
+    data[-10] ^= 0xFF
+    layer.write_bytes(data)
+    os.utime(layer, ns=(st.st_atime_ns, st.st_mtime_ns))
+    LayerStore.open(store)  # sizes and stamp only: not seen
+    assert cli.main(["verify", "tiny-alias"]) == 1
+    out, err = capsys.readouterr()
+    assert out.splitlines() == [f"{model}: OK ({spec.size} bytes, the sha256 of tiny-alias)"]
+    assert_one_line_error(err, str(layer), "checksum mismatch")
+
+    st = model.stat()
+    data = bytearray(model.read_bytes())
+    data[-10] ^= 0xFF
+    model.write_bytes(data)
+    os.utime(model, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert cli.main(["verify", "tiny-alias"]) == 1
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert_one_line_error(err, str(model), f"expected {spec.size} bytes with sha256 {sha}", "llmcad pull tiny-alias")
+
+
 # ---- generate ----------------------------------------------------------------------------
 
 
@@ -202,7 +256,8 @@ def test_generate_json_matches_engine(runs, engine):
 
 def test_generate_sizes_the_context_to_the_job_under_a_budget(runs, engine):
     """Under a budget the context holds the prompt and --max-tokens, no more: every slot
-    more is memory the target's layers could have. Without one it is the default."""
+    more is memory the target's layers could have. With none (`--memory-budget none`) it is
+    the default."""
     budgeted, unbounded = generated(runs["budget"]), generated(runs["json"])
     assert budgeted["max_context"] == len(budgeted["prompt_tokens"]) + 8
     assert budgeted["tokens"] == unbounded["tokens"]
@@ -229,8 +284,10 @@ def test_streaming_prints_text_and_stats_on_stderr(runs):
     assert result.stdout.decode() == generated(runs["json"])["text"]  # same greedy fp32 run
     stderr = result.stderr.decode()
     lines = [line for line in stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, stderr  # no progress bars when stderr is not a terminal
-    assert "tok/s" in lines[0] and "peak RSS" in lines[0] and "generated: " in lines[0]
+    assert len(lines) == 3, stderr  # what was chosen, then the stats: no progress bars when stderr is not a terminal
+    assert lines[0].startswith("llmcad: ") and "(fp32), no draft, mode ar" in lines[0]
+    assert "budget " in lines[1] and "(auto: " in lines[1] and "target wholly resident" in lines[1]
+    assert "tok/s" in lines[2] and "peak RSS" in lines[2] and "generated: " in lines[2]
 
 
 # ---- info ----------------------------------------------------------------------------------

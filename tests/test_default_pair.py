@@ -64,7 +64,7 @@ def test_gguf_pair_runs_llmcad_within_a_tight_budget():
     under the budget, the target streamed, and the q4 target's own greedy tokens (computed
     fully resident in this process)."""
     prompt = "def merge_sorted(a, b):"
-    with Engine.load(DEFAULT_TARGET, precision="gguf", progress=False) as target:
+    with Engine.load(DEFAULT_TARGET, draft=None, precision="gguf", progress=False) as target:
         expected = target.generate(prompt, max_tokens=24, ignore_eos=True).tokens
     models = ["--target", DEFAULT_TARGET, "--draft", DEFAULT_DRAFT, "--precision", "gguf", "--draft-precision", "gguf"]
     budget = max(1000 * MB, minimum_budget([*models, "--max-tokens", "24"]) + 10 * MB)
@@ -81,3 +81,26 @@ def test_gguf_pair_runs_llmcad_within_a_tight_budget():
     assert out["stats"]["bytes_read"] > out["stats"]["target_passes"] * 500 * MB  # the target was streamed
     assert out["stats"]["peak_rss_mb"] * MB < budget
     assert peak is None or peak <= budget
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(cgroup_unavailable() is not None, reason="no memory cgroup here")
+def test_default_chat_streams_in_a_small_cgroup_and_answers_as_uncached(engine, tmp_path):
+    """The defaults where the pair does not fit: `llmcad chat` with no model flags in a
+    1200 MB memory cgroup takes the paired draft and a budget from the cgroup's limit,
+    streams the target, and answers each turn (the second reusing the first's keys and
+    values) exactly as the resident target alone does over the same history, uncached."""
+    saved = tmp_path / "chat.json"
+    lines = ["Write a Python function that reverses a string.", "Now make it return None for None.", f"/save {saved}"]
+    cmd = [sys.executable, "-m", "llmcad.cli", "chat", "--max-tokens", "24"]
+    result, peak = run_limited(1200 * MB, cmd, input="\n".join(lines) + "\n", capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, f"exit {result.returncode} (137 = killed for memory): {result.stderr[-2000:]}"
+    assert "+ draft qwen2.5-coder-0.5b" in result.stderr and "memory cgroup limit" in result.stderr, result.stderr
+    assert "target streamed" in result.stderr, result.stderr
+    messages = json.loads(saved.read_text())
+    assert [m["role"] for m in messages] == ["user", "assistant"] * 2
+    for turn in range(2):
+        history = messages[: 2 * turn + 1]
+        expected = engine.chat(history, max_tokens=24, mode="ar", cache_prompt=False)
+        assert messages[2 * turn + 1]["content"] == expected.text, turn
+    assert peak <= 1200 * MB

@@ -4,6 +4,7 @@ honoured in a real memory cgroup."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -11,11 +12,12 @@ import sys
 import threading
 from dataclasses import replace
 from pathlib import Path
+from time import time_ns
 
 import pytest
 import torch
 
-from llmcad.budget import HEADROOM, MB, MemoryPlan, parse_size, plan_memory
+from llmcad.budget import AUTO_HEADROOM, HEADROOM, MB, cgroup_memory_limit, MemoryPlan, parse_size, plan_memory
 from llmcad.engine import Engine, map_kernels
 from llmcad.errors import LlmcadError
 from llmcad.generate import autoregressive
@@ -26,6 +28,7 @@ from llmcad.streaming import BLOCK, StreamedTransformer, Unit, aligned_buffer, c
 from llmcad.timeline import TIMELINE
 from llmcad.weights import load_model, open_checkpoint
 from tests.cgroup import cgroup_unavailable, minimum_budget, run_limited
+from conftest import smallest_budget
 
 
 def plan_for(store: LayerStore, resident_layers: tuple[int, ...], head_resident: bool, embed_resident: bool = False) -> MemoryPlan:
@@ -147,6 +150,87 @@ def test_corrupt_or_truncated_store_files_are_named(tiny_llama, tmp_path):
         model.close()
 
 
+def test_store_is_stamped_when_written_and_hashed_at_open_only_where_changed(tiny_llama, tmp_path, monkeypatch):
+    """Conversion stamps the store (each file's size and mtime); an open then hashes only
+    files changed since. A file rewritten in place with its size and mtime restored is not
+    seen at open (the documented trade-off) but is by a full check, which also drops the
+    stamp so that later opens hash again."""
+    import llmcad.store as store_module
+
+    store_dir = convert(open_checkpoint(tiny_llama), tmp_path / "store", "int8")
+    stamp = json.loads((store_dir / store_module.STAMP).read_text())
+    manifest = json.loads((store_dir / "manifest.json").read_text())
+    assert stamp["files"].keys() == manifest["files"].keys()
+    assert stamp["manifest_sha256"] == hashlib.sha256((store_dir / "manifest.json").read_bytes()).hexdigest()
+    for name, (size, mtime) in stamp["files"].items():
+        assert [size, mtime] == [manifest["files"][name]["bytes"], (store_dir / name).stat().st_mtime_ns]
+
+    hashed = []
+    real_sha256 = store_module.file_sha256
+    monkeypatch.setattr(store_module, "file_sha256", lambda path, advance=None: hashed.append(path.name) or real_sha256(path))
+    past = time_ns() - 3600 * 10**9  # an hour ago: older than any stamp written now, whatever the clock's tick
+    for name in manifest["files"]:
+        os.utime(store_dir / name, ns=(past, past))
+    LayerStore.open(store_dir)  # every mtime changed: all hashed once, and stamped again
+    assert sorted(hashed) == sorted(manifest["files"])
+    hashed.clear()
+    LayerStore.open(store_dir)
+    assert hashed == []  # sizes and the stamp only
+
+    layer = store_dir / "layer_001.safetensors"
+    data = bytearray(layer.read_bytes())
+    data[-10] ^= 0xFF
+    layer.write_bytes(data)
+    os.utime(layer, ns=(past, past))
+    store = LayerStore.open(store_dir)  # same size and mtime: not detected at open
+    assert hashed == []
+    with pytest.raises(LlmcadError, match=r"layer_001\.safetensors: checksum mismatch"):
+        store.verify()
+    with pytest.raises(LlmcadError, match=r"layer_001\.safetensors: checksum mismatch"):
+        LayerStore.open(store_dir, full=True)
+    with pytest.raises(LlmcadError, match=r"layer_001\.safetensors: checksum mismatch"):
+        LayerStore.open(store_dir)  # the failed check dropped the stamp
+
+    data[-10] ^= 0xFF
+    layer.write_bytes(data)  # repaired
+    os.utime(layer, ns=(past, past))
+    LayerStore.open(store_dir)  # no stamp: all hashed, and stamped again
+    hashed.clear()
+    layer = store_dir / "layer_002.safetensors"
+    data = bytearray(layer.read_bytes())
+    data[-10] ^= 0xFF
+    layer.write_bytes(data)  # corrupt, with a new mtime: detected at open, by hashing that file alone
+    with pytest.raises(LlmcadError, match=r"layer_002\.safetensors: checksum mismatch"):
+        LayerStore.open(store_dir)
+    assert hashed == ["layer_002.safetensors"]
+
+
+def test_open_store_of_a_converted_model_does_not_read_the_model(tiny_llama, tmp_path, monkeypatch):
+    """The cached store's path comes from the model file's path, size and mtime: a GGUF is
+    parsed only to convert it, and the cache key is the one a checkpoint gives."""
+    from conftest import write_gguf
+
+    import llmcad.store as store_module
+    from llmcad.engine import open_store
+    from llmcad.gguf_file import GGUFFile
+
+    monkeypatch.setenv("LLMCAD_STORES", str(tmp_path / "stores"))
+    gguf = write_gguf(tiny_llama, tmp_path / "tiny.gguf", {})
+    parsed = []
+    real_parse = GGUFFile._parse
+    monkeypatch.setattr(GGUFFile, "_parse", lambda self, buf: parsed.append(self.path) or real_parse(self, buf))
+    store = open_store(gguf, "int8", False)
+    assert parsed == [gguf]  # converted
+    assert open_store(gguf, "int8", False).path == store.path
+    assert parsed == [gguf]
+    assert store.path == store_module.store_path(open_checkpoint(gguf), "int8")
+
+    store = open_store(tiny_llama, "int8", False)  # an HF folder: opened to convert it, then not
+    assert store.path == store_module.store_path(open_checkpoint(tiny_llama), "int8")
+    monkeypatch.setattr(store_module, "open_checkpoint", lambda path: pytest.fail(f"{path} opened"))
+    assert open_store(tiny_llama, "int8", False).path == store.path
+
+
 @pytest.mark.skipif(not hasattr(os, "O_DIRECT"), reason="no O_DIRECT on this platform")
 def test_direct_reads_give_the_same_bytes_and_name_a_truncated_file(tmp_path):
     """Aligned units are read with O_DIRECT (whole blocks, the file's last one short); the
@@ -191,6 +275,34 @@ def test_parse_size():
             parse_size(bad)
 
 
+def test_cgroup_memory_limit_is_the_tightest_on_the_path(tmp_path):
+    """cgroup v1 (its own memory hierarchy) and v2 (memory.max in the unified one): the
+    limit that binds is the smallest from the process's group up to the root; "max" and
+    v1's huge "no limit" number are no limit."""
+    v1 = tmp_path / "memory" / "box" / "job"
+    v1.mkdir(parents=True)
+    (v1 / "memory.limit_in_bytes").write_text(f"{2 << 30}\n")
+    (v1.parent / "memory.limit_in_bytes").write_text(f"{1200 << 20}\n")
+    (tmp_path / "memory" / "memory.limit_in_bytes").write_text("9223372036854771712\n")
+    assert cgroup_memory_limit(tmp_path, "4:memory:/box/job\n3:cpu:/other\n") == 1200 << 20
+    v2 = tmp_path / "user.slice" / "app"
+    v2.mkdir(parents=True)
+    (v2 / "memory.max").write_text("max\n")
+    assert cgroup_memory_limit(tmp_path, "0::/user.slice/app\n") is None
+    (v2.parent / "memory.max").write_text(f"{800 << 20}\n")
+    assert cgroup_memory_limit(tmp_path, "0::/user.slice/app\n") == 800 << 20
+    assert cgroup_memory_limit(tmp_path, "2:cpu,cpuacct:/\n") is None
+
+
+@pytest.mark.skipif(cgroup_unavailable() is not None, reason="no memory cgroup here")
+def test_auto_budget_is_the_cgroup_limit_less_headroom():
+    """Run in a 700 MB memory cgroup, `auto_budget` finds the limit, below MemAvailable."""
+    code = "from llmcad.budget import auto_budget, MB; b, note = auto_budget(0); print(b // MB, note)"
+    result, _ = run_limited(700 * MB, [sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    budget, note = result.stdout.split(" ", 1)
+    assert int(budget) == int(700 * (1 - AUTO_HEADROOM)) and "memory cgroup limit" in note, result.stdout
+
+
 def test_plan_keeps_what_fits_and_refuses_too_little(tiny_llama):
     config = open_checkpoint(tiny_llama).config  # 3 layers, tied head
     sizes = dict(layer_bytes=100 * MB, head_bytes=50 * MB, embed_bytes=50 * MB, runtime=200 * MB, draft=0, kv_cache=0, activations=0)
@@ -233,13 +345,19 @@ def test_engine_refuses_a_budget_below_its_minimum(tiny_llama):
         assert "--precision" in str(int8.value) and "--precision" not in str(four_bits.value)
 
 
+def test_without_the_kernels_auto_precision_is_int8_unless_only_q4_fits(tiny_llama, fixed_runtime, monkeypatch):
+    monkeypatch.setattr("llmcad.kernels.available", lambda: False)
+    int8, q4 = smallest_budget(tiny_llama, precision="int8"), smallest_budget(tiny_llama, precision="q4")
+    assert q4 < int8
+    for budget, expected in ((int8, "int8"), (q4, "q4")):
+        with Engine.load(tiny_llama, memory_budget=budget, progress=False) as engine:
+            assert engine.precision == expected and engine.plan.bytes_per_pass > 0
+
+
 def test_streamed_engine_serializes_concurrent_generations(tiny_llama, fixed_runtime):
     """Two generations started at once on one streamed engine: both complete, each equal to
     its own run alone."""
-    engine = Engine.load(tiny_llama, memory_budget="100GB", progress=False)  # all resident, planned as under a budget
-    engine.close()
-    budget = engine.plan.total - engine.plan.resident_target + 2 * engine.store.layer_bytes  # the minimum
-    with Engine.load(tiny_llama, memory_budget=budget, progress=False) as engine:
+    with Engine.load(tiny_llama, memory_budget=smallest_budget(tiny_llama), progress=False) as engine:
         assert engine.plan.bytes_per_pass > 0
         prompts = ["def add(a, b):", "The quick brown fox"]
         alone = [engine.generate(p, max_tokens=16, ignore_eos=True).tokens for p in prompts]
@@ -262,9 +380,7 @@ def test_streamed_engine_serializes_concurrent_generations(tiny_llama, fixed_run
 def test_timeline_records_reads_target_passes_and_draft_passes(tiny_llama, fixed_runtime):
     """With the timeline on, a streamed llmcad generation records the reader's reads, the
     target's passes and the draft's passes in both threads; off, nothing is kept."""
-    with Engine.load(tiny_llama, draft=tiny_llama, memory_budget="100GB", progress=False) as engine:
-        budget = engine.plan.total - engine.plan.resident_target + 2 * engine.store.layer_bytes
-    with Engine.load(tiny_llama, draft=tiny_llama, memory_budget=budget, progress=False) as engine:
+    with Engine.load(tiny_llama, draft=tiny_llama, memory_budget=smallest_budget(tiny_llama, draft=tiny_llama), progress=False) as engine:
         TIMELINE.start()
         try:
             engine.generate("abc", max_tokens=12, ignore_eos=True, mode="llmcad", pipeline=True)
