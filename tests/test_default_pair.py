@@ -44,6 +44,18 @@ def test_speculation_reproduces_the_target(engine, prompt):
         assert result.tokens == expected, mode
 
 
+@pytest.mark.parametrize("mode", ["ar", "llmcad"])
+def test_a_conversation_with_the_prompt_cache_answers_as_uncached(engine, mode):
+    """Two turns, the second reusing the first's prompt and answer from both caches: each
+    answer is the one a run with the caches emptied gives."""
+    engine.forget_prompts()
+    chat = engine.conversation()
+    for text in PROMPTS[:2]:
+        answer = chat.say(text, max_tokens=16, ignore_eos=True, mode=mode)
+        assert answer.tokens == engine.generate(chat.last_prompt, max_tokens=16, ignore_eos=True, mode=mode, cache_prompt=False).tokens
+    assert answer.stats.extra["prompt_tokens_reused"] > 30  # the first turn's prompt and answer
+
+
 @pytest.mark.parametrize("path", [p for p in kernels.supported_paths() if p != kernels.active_path()])
 def test_speculation_reproduces_the_target_on_every_kernel_path(engine, path, monkeypatch):
     """The other dispatch paths (forced by LLMCAD_KERNEL_PATH; the active one is above):
