@@ -416,37 +416,59 @@ AVX512_FNS inline void decode_kquant_avx512(int qtype, const uint8_t* b, KBlock&
     o.s[c] = _mm512_permutexvar_epi16(_mm512_add_epi16(_mm512_set1_epi16(4 * c), group), _mm512_castsi256_si512(lane_scales));
 }
 
-// Columns n..n+NC-1, rows m0..m1, K-quants: each super-block of the NC columns is decoded once,
-// then every row's activations are loaded once for all NC columns. Each (row, column) runs the
-// same instructions in the same order whatever NC, so NC is free to vary with the column count.
+// Super-blocks of weights decoded at a time, ahead of the rows that use them (8 x 4 columns x 576
+// bytes stay in L1): more weight lines in flight. Against one at a time, measured on one 8960 x
+// 1536 matrix: one row 18-22% faster, 4 rows 5-11%, 16 and 64 rows 3-7% slower. Results do not
+// depend on it (each row's sums run in the same order).
+constexpr int SPAN = 8;
+
+// Columns n..n+NC-1, rows m0..m1, K-quants: SPAN super-blocks of the NC columns are decoded at
+// once, then each row runs over them, its sums in registers, its activations loaded once for
+// the NC columns. Each (row, column) runs the same instructions in the same order whatever NC
+// and the rows beside it, so NC is free to vary with the column count.
 template <int NC>
 AVX512_FNS void kquant_columns_avx512(const Job& job, int64_t n, int64_t m0, int64_t m1) {
   const Activations& a = *job.a;
   const int gbytes = group_bytes(job.qtype);
   alignas(64) static thread_local float acc[ROW_TILE * NC * 16], acco[ROW_TILE * NC * 8];
+  alignas(64) KBlock blk[SPAN * NC];  // 18 KB of stack
   std::memset(acc, 0, sizeof(float) * 16 * NC * (m1 - m0));
   std::memset(acco, 0, sizeof(float) * 8 * NC * (m1 - m0));
-  KBlock blk[NC];
-  for (int64_t g = 0; g < a.groups; ++g) {
-    for (int c = 0; c < NC; ++c) {
-      const uint8_t* b = job.w + (n + c) * job.row_bytes + g * gbytes;
-      for (int l = 0; l < gbytes; l += 64) _mm_prefetch((const char*)(b + PREFETCH + l), _MM_HINT_T0);
-      decode_kquant_avx512(job.qtype, b, blk[c]);
-    }
-    for (int64_t r = m0; r < m1; ++r) {
-      const int8_t* x = a.qrow(r) + g * SUPER;
-      const float dx = a.drow(r)[g];
-      __m512i xv[4];
-      for (int k = 0; k < 4; ++k) xv[k] = _mm512_loadu_si512((const void*)(x + 64 * k));
-      const __m256i xsums = _mm256_loadu_si256((const __m256i*)(a.srow(r) + g * 16));
+  for (int64_t g0 = 0; g0 < a.groups; g0 += SPAN) {
+    const int64_t span = std::min<int64_t>(SPAN, a.groups - g0);
+    for (int64_t g = 0; g < span; ++g)
       for (int c = 0; c < NC; ++c) {
-        __m512i sumi = _mm512_setzero_si512();
-        for (int k = 0; k < 4; ++k) sumi = _mm512_dpwssd_epi32(sumi, _mm512_maddubs_epi16(blk[c].w[k], xv[k]), blk[c].s[k]);
-        __m256i offs = _mm256_madd_epi16(blk[c].off, xsums);
-        float* ar = acc + 16 * (NC * (r - m0) + c);
-        float* aor = acco + 8 * (NC * (r - m0) + c);
-        _mm512_store_ps(ar, _mm512_fmadd_ps(_mm512_cvtepi32_ps(sumi), _mm512_set1_ps(blk[c].a * dx), _mm512_load_ps(ar)));
-        _mm256_store_ps(aor, _mm256_fmadd_ps(_mm256_cvtepi32_ps(offs), _mm256_set1_ps(blk[c].b * dx), _mm256_load_ps(aor)));
+        const uint8_t* b = job.w + (n + c) * job.row_bytes + (g0 + g) * gbytes;
+        for (int l = 0; l < gbytes; l += 64) _mm_prefetch((const char*)(b + PREFETCH + l), _MM_HINT_T0);
+        decode_kquant_avx512(job.qtype, b, blk[g * NC + c]);
+      }
+    for (int64_t r = m0; r < m1; ++r) {
+      float* ar = acc + 16 * NC * (r - m0);
+      float* aor = acco + 8 * NC * (r - m0);
+      __m512 sum[NC];
+      __m256 off[NC];
+      for (int c = 0; c < NC; ++c) {
+        sum[c] = _mm512_load_ps(ar + 16 * c);
+        off[c] = _mm256_load_ps(aor + 8 * c);
+      }
+      for (int64_t g = 0; g < span; ++g) {
+        const KBlock* b = blk + g * NC;
+        const int8_t* x = a.qrow(r) + (g0 + g) * SUPER;
+        const float dx = a.drow(r)[g0 + g];
+        __m512i xv[4];
+        for (int k = 0; k < 4; ++k) xv[k] = _mm512_loadu_si512((const void*)(x + 64 * k));
+        const __m256i xsums = _mm256_loadu_si256((const __m256i*)(a.srow(r) + (g0 + g) * 16));
+        for (int c = 0; c < NC; ++c) {
+          __m512i sumi = _mm512_setzero_si512();
+          for (int k = 0; k < 4; ++k) sumi = _mm512_dpwssd_epi32(sumi, _mm512_maddubs_epi16(b[c].w[k], xv[k]), b[c].s[k]);
+          __m256i offs = _mm256_madd_epi16(b[c].off, xsums);
+          sum[c] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sumi), _mm512_set1_ps(b[c].a * dx), sum[c]);
+          off[c] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(offs), _mm256_set1_ps(b[c].b * dx), off[c]);
+        }
+      }
+      for (int c = 0; c < NC; ++c) {
+        _mm512_store_ps(ar + 16 * c, sum[c]);
+        _mm256_store_ps(aor + 8 * c, off[c]);
       }
     }
   }
@@ -469,61 +491,69 @@ AVX512_FNS void columns_avx512(const Job& job, int64_t n0, int64_t n1) {
     }
     return;
   }
+  // Q8_0, Q5_0: eight 32-blocks (one super-block's width) per group, SPAN groups decoded at once
   const int gbytes = group_bytes(qtype);
   alignas(64) static thread_local float acc[ROW_TILE * 16];
-  __m512i AW[4];
-  __mmask64 NEG[4] = {0, 0, 0, 0};
-  __m512 D[4];
+  __m512i AW[SPAN][4];
+  __m512 D[SPAN][4];
+  __mmask64 NEG[SPAN][4];
+  int chunks[SPAN];
   for (int64_t m0 = 0; m0 < a.m; m0 += ROW_TILE) {
     int64_t m1 = std::min(a.m, m0 + ROW_TILE);
     for (int64_t n = n0; n < n1; ++n) {
       const uint8_t* row = job.w + n * job.row_bytes;
       std::memset(acc, 0, sizeof(float) * 16 * (m1 - m0));
-      for (int64_t g = 0; g < a.groups; ++g) {
-        const uint8_t* ahead = row + g * gbytes + PREFETCH;  // the weights stream: keep it ahead
-        for (int l = 0; l < gbytes; l += 64) _mm_prefetch((const char*)(ahead + l), _MM_HINT_T0);
-        int64_t first = g * 8;
-        int blocks = (int)std::min<int64_t>(8, a.k / 32 - first);
-        int chunks = (blocks + 1) / 2;
-        for (int c = 0; c < chunks; ++c) {
-          __m256i pair[2] = {_mm256_setzero_si256(), _mm256_setzero_si256()};
-          float d[2] = {0.f, 0.f};
-          for (int h = 0; h < 2; ++h) {
-            int j = 2 * c + h;
-            float& dj = d[h];
-            if (j < blocks) {
-              if (qtype == Q8_0) {
-                const uint8_t* b = row + (first + j) * 34;
-                dj = half(b);
-                pair[h] = _mm256_loadu_si256((const __m256i*)(b + 2));
-              } else {
-                const uint8_t* b = row + (first + j) * 22;
-                uint32_t qh;
-                std::memcpy(&qh, b + 2, 4);
-                dj = half(b);
-                __m128i qs = _mm_loadu_si128((const __m128i*)(b + 6));
-                __m256i v = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(qs, 4), qs), _mm256_set1_epi8(0x0f));
-                v = _mm256_or_si256(v, _mm256_maskz_mov_epi8(qh, _mm256_set1_epi8(0x10)));
-                pair[h] = _mm256_sub_epi8(v, _mm256_set1_epi8(16));
+      for (int64_t g0 = 0; g0 < a.groups; g0 += SPAN) {
+        const int64_t span = std::min<int64_t>(SPAN, a.groups - g0);
+        for (int64_t s = 0; s < span; ++s) {
+          const int64_t g = g0 + s;
+          const uint8_t* ahead = row + g * gbytes + PREFETCH;  // the weights stream: keep it ahead
+          for (int l = 0; l < gbytes; l += 64) _mm_prefetch((const char*)(ahead + l), _MM_HINT_T0);
+          int64_t first = g * 8;
+          int blocks = (int)std::min<int64_t>(8, a.k / 32 - first);
+          chunks[s] = (blocks + 1) / 2;
+          for (int c = 0; c < chunks[s]; ++c) {
+            __m256i pair[2] = {_mm256_setzero_si256(), _mm256_setzero_si256()};
+            float d[2] = {0.f, 0.f};
+            for (int h = 0; h < 2; ++h) {
+              int j = 2 * c + h;
+              float& dj = d[h];
+              if (j < blocks) {
+                if (qtype == Q8_0) {
+                  const uint8_t* b = row + (first + j) * 34;
+                  dj = half(b);
+                  pair[h] = _mm256_loadu_si256((const __m256i*)(b + 2));
+                } else {
+                  const uint8_t* b = row + (first + j) * 22;
+                  uint32_t qh;
+                  std::memcpy(&qh, b + 2, 4);
+                  dj = half(b);
+                  __m128i qs = _mm_loadu_si128((const __m128i*)(b + 6));
+                  __m256i v = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(qs, 4), qs), _mm256_set1_epi8(0x0f));
+                  v = _mm256_or_si256(v, _mm256_maskz_mov_epi8(qh, _mm256_set1_epi8(0x10)));
+                  pair[h] = _mm256_sub_epi8(v, _mm256_set1_epi8(16));
+                }
               }
             }
+            __m512i v = _mm512_inserti64x4(_mm512_castsi256_si512(pair[0]), pair[1], 1);
+            AW[s][c] = _mm512_abs_epi8(v);
+            NEG[s][c] = _mm512_movepi8_mask(v);
+            D[s][c] = _mm512_castpd_ps(_mm512_insertf64x4(_mm512_castps_pd(_mm512_set1_ps(d[0])),  // lanes of block 2c | 2c+1
+                                                          _mm256_castps_pd(_mm256_set1_ps(d[1])), 1));
           }
-          __m512i v = _mm512_inserti64x4(_mm512_castsi256_si512(pair[0]), pair[1], 1);
-          AW[c] = _mm512_abs_epi8(v);
-          NEG[c] = _mm512_movepi8_mask(v);
-          D[c] = _mm512_castpd_ps(_mm512_insertf64x4(_mm512_castps_pd(_mm512_set1_ps(d[0])),  // lanes of block 2c | 2c+1
-                                                     _mm256_castps_pd(_mm256_set1_ps(d[1])), 1));
         }
         for (int64_t r = m0; r < m1; ++r) {
-          const int8_t* x = a.qrow(r) + g * SUPER;
-          __m512 dx = _mm512_set1_ps(a.drow(r)[g]);
           float* ar = acc + 16 * (r - m0);
           __m512 v = _mm512_load_ps(ar);
-          for (int c = 0; c < chunks; ++c) {
-            __m512i xv = _mm512_loadu_si512((const void*)(x + 64 * c));
-            xv = _mm512_mask_sub_epi8(xv, NEG[c], _mm512_setzero_si512(), xv);
-            __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), AW[c], xv);
-            v = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(D[c], dx), v);
+          for (int64_t s = 0; s < span; ++s) {
+            const int8_t* x = a.qrow(r) + (g0 + s) * SUPER;
+            __m512 dx = _mm512_set1_ps(a.drow(r)[g0 + s]);
+            for (int c = 0; c < chunks[s]; ++c) {
+              __m512i xv = _mm512_loadu_si512((const void*)(x + 64 * c));
+              xv = _mm512_mask_sub_epi8(xv, NEG[s][c], _mm512_setzero_si512(), xv);
+              __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), AW[s][c], xv);
+              v = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(D[s][c], dx), v);
+            }
           }
           _mm512_store_ps(ar, v);
         }
