@@ -82,8 +82,9 @@ def _parser() -> argparse.ArgumentParser:
     chat.add_argument("--seed", type=int, default=None, metavar="S")
     chat.set_defaults(run=_chat)
 
-    info = commands.add_parser("info", help="describe a model")
+    info = commands.add_parser("info", help="describe a model (and whether a draft can draft for it)")
     info.add_argument("model", metavar="MODEL", help="GGUF file, HF folder or alias")
+    info.add_argument("--draft", metavar="DRAFT", default=None, help="say whether DRAFT can draft for MODEL, and why not (exit status 1 when not)")
     info.add_argument("--json", action="store_true")
     info.set_defaults(run=_info)
 
@@ -266,7 +267,11 @@ def _info(args: argparse.Namespace) -> int:
         "eos_tokens": [tok.id_to_token(i) for i in sorted(tok.eos_token_ids)],
         "chat_template": tok.chat_template is not None,
         "paired_draft": hub.paired_draft(args.model),  # the draft generate, chat and serve take by default
+        # the family and what of it this model uses (None: not used)
+        **c.family_features(),
     }
+    if args.draft is not None:
+        facts["draft"] = _draft_facts(ckpt, args.draft)
     if args.json:
         print(json.dumps(facts))
     else:
@@ -276,8 +281,51 @@ def _info(args: argparse.Namespace) -> int:
                 value = f"{value / 1e9:.2f}B" if value >= 1e9 else f"{value / 1e6:.1f}M"
             elif key == "file_bytes":
                 value = f"{value / 1e6:.1f} MB"
+            elif key == "features":
+                value = ", ".join(value) or "none beyond Llama's"
+            elif key == "sliding_window" and value:
+                text = f"{value['tokens']} tokens, on {value['layers']} of {value['of']} layers"
+                more = []
+                if "pattern" in value:
+                    more.append(f"{value['pattern']['sliding']} local then {value['pattern']['full']} global, repeated")
+                if "rope_theta" in value:
+                    more.append(f"local rotary base {value['rope_theta']:g}")
+                value = text + (f" ({'; '.join(more)})" if more else "")
+            elif key == "rope_scaling" and value:
+                value = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in value.items())
+            elif key == "soft_capping" and value:
+                value = ", ".join(f"{k} {v:g}" for k, v in value.items() if v)
+            elif key == "draft":
+                verdict = "usable" if value["usable"] else f"not usable: {value['reason']}"
+                value = f"{value['path']}: {verdict}" + (f" ({value['note']})" if value.get("note") else "")
             print(f"{key:<{width}}  {value}")
-    return 0
+    return 0 if facts.get("draft", {}).get("usable", True) else 1
+
+
+def _draft_facts(target, draft: str) -> dict:
+    """Whether `draft` can draft for the checkpoint `target`, by the engine's own check
+    (`engine._check_same_vocabulary`: the token strings of every id both vocabularies
+    have), and why not."""
+    from types import SimpleNamespace
+
+    from llmcad.engine import _check_same_vocabulary
+    from llmcad.weights import open_checkpoint
+
+    facts = {"path": draft, "usable": False, "reason": None, "family": None, "note": None}
+    try:
+        ckpt = open_checkpoint(hub.resolve_model(draft, progress=sys.stderr.isatty()))
+        facts.update(path=str(ckpt.path), family=ckpt.config.arch)
+        # the target as the engine sees it (its store: config, tokenizer, name)
+        _check_same_vocabulary(SimpleNamespace(config=target.config, tokenizer=target.tokenizer, name=target.path.name), ckpt)
+    except LlmcadError as e:
+        reason = str(e)
+        facts["reason"] = reason.partition(": ")[2] if "cannot draft for target" in reason else reason
+        return facts
+    facts["usable"] = True
+    ours, theirs = target.config.vocab_size, ckpt.config.vocab_size
+    if ours != theirs:
+        facts["note"] = f"vocabulary rows: target {ours}, draft {theirs}; the draft's logits take the target's {ours} columns"
+    return facts
 
 
 def _convert(args: argparse.Namespace) -> int:

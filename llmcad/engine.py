@@ -178,7 +178,7 @@ class Engine:
             draft_ckpt = open_checkpoint(resolve_model(draft, progress=progress))
             _check_same_vocabulary(store, draft_ckpt)
             head_ids = draft_head_ids(store.tokenizer, draft_ckpt.config.vocab_size, draft_vocab)
-            draft_model = load_model(draft_ckpt, draft_precision, progress=progress, embedding_on_demand=True, head_ids=head_ids)
+            draft_model = load_model(draft_ckpt, draft_precision, progress=progress, embedding_on_demand=True, head_ids=head_ids, logits_width=config.vocab_size)
             limit = min(limit, draft_ckpt.config.max_position_embeddings)
             draft_state = Draft(draft_model, None, draft_ckpt.path.name, draft_precision)
             del draft_ckpt  # its metadata (vocabulary strings) is not needed any more
@@ -479,11 +479,20 @@ def draft_head_ids(tokenizer: Tokenizer, vocab_size: int, count: int | None) -> 
 
 
 def _check_same_vocabulary(target: LayerStore, draft: Checkpoint) -> None:
-    """Speculation compares token ids, so both models must mean the same thing by each id."""
-    problem = None
-    if target.config.vocab_size != draft.config.vocab_size:
-        problem = f"vocabulary sizes differ ({target.config.vocab_size} vs {draft.config.vocab_size})"
-    elif target.tokenizer.backend.get_vocab(True) != draft.tokenizer.backend.get_vocab(True):
-        problem = "their tokenizers map tokens to different ids"
-    if problem:
-        raise LlmcadError(f"draft {draft.path.name} cannot draft for target {target.name}: {problem}")
+    """Speculation compares token ids, so the draft must mean by every id it can propose
+    what the target means by it. It can propose the ids below both models' vocabulary rows
+    (the matrices are often padded past the tokenizer: 151,936 rows against 152,064 in one
+    family); for those the token strings must be equal (an id neither tokenizer has is
+    padding in both), compared as lists (the GGUF's token array or tokenizer.json), without
+    building the draft's tokenizer. (Where the row counts differ, the draft is loaded with
+    the target's logits width: `load_model(logits_width=...)`.)"""
+    rows = min(target.config.vocab_size, draft.config.vocab_size)
+    theirs = draft.token_strings()[:rows]
+    theirs += [None] * (rows - len(theirs))
+    ours = target.tokenizer.token_strings(rows)
+    if ours != theirs:
+        i = next(i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b)
+        raise LlmcadError(
+            f"draft {draft.path.name} cannot draft for target {target.name}: their tokenizers differ at id {i} "
+            f"(target {ours[i]!r}, draft {theirs[i]!r})"
+        )

@@ -1,9 +1,16 @@
-"""The Llama/Qwen2 transformer over a preallocated KV cache.
+"""The transformer of every family over a preallocated KV cache.
 
 One forward pass takes token ids, their explicit rotary positions, the cache slot where
 their keys and values go, and (optionally) an explicit attention mask over the cache. That
 is all a token tree needs: its nodes sit in consecutive slots, each at position
 `prefix + depth`, each attending to the committed prefix and to its own ancestors.
+
+What a family changes is read from its `Family` (llmcad.families) and the config when a
+module is built, never from the family's name: q/k norms, QKV bias, norms after the
+sublayers, the gate's activation, embedding scale, query scale and soft-capping, partial
+rotary dimensions; per layer, a sliding window and its rotary table. A sliding window is
+a mask over the cache, from the positions the cache records per slot, so a tree node at
+depth d attends to exactly the window a token at its position sees.
 
 Batch size is always 1; tensors carry no batch dimension.
 """
@@ -11,13 +18,13 @@ Batch size is always 1; tensors carry no batch dimension.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from llmcad.config import ModelConfig
-
 
 ROW_CHUNK = 64  # tokens run through a layer at a time: bounds activation memory for long prompts
 
@@ -34,6 +41,8 @@ class KVCache:
         shape = (config.num_layers, config.num_kv_heads, max_len, config.head_dim)
         self.k = torch.zeros(shape, dtype=dtype)
         self.v = torch.zeros(shape, dtype=dtype)
+        # the rotary position of each slot's entry, for sliding windows (whose models alone keep it)
+        self.pos = torch.zeros(max_len, dtype=torch.long) if config.windowed_layers else None
         self.max_len = max_len
         self.tokens: list[int] = []
 
@@ -65,6 +74,8 @@ class KVCache:
         dst = slice(dst_start, dst_start + len(src))
         self.k[:, :, dst] = self.k[:, :, src]
         self.v[:, :, dst] = self.v[:, :, src]
+        if self.pos is not None:
+            self.pos[dst] = self.pos[src]
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -72,10 +83,17 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotary embedding in the half-split (GPT-NeoX / Hugging Face) layout. x: [T, heads, dim]."""
-    half = x.shape[-1] // 2
+    """Rotary embedding in the half-split (GPT-NeoX / Hugging Face) layout. x: [T, heads, dim];
+    where cos and sin cover fewer dimensions (partial rotary), the rest pass unrotated."""
+    dim = cos.shape[-1]
+    if dim != x.shape[-1]:
+        return torch.cat((rotate(x[..., :dim], cos, sin), x[..., dim:]), dim=-1)
+    half = dim // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return x * cos + rotated * sin
+
+
+ACTIVATIONS = {"silu": F.silu, "gelu_tanh": partial(F.gelu, approximate="tanh")}
 
 
 class RMSNorm(nn.Module):
@@ -92,15 +110,24 @@ class Attention(nn.Module):
     def __init__(self, c: ModelConfig):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = c.num_heads, c.num_kv_heads, c.head_dim
+        self.scale = c.query_scale if c.query_scale is not None else c.head_dim**-0.5
+        self.softcap = c.attn_softcap
         self.q_proj = nn.Linear(c.hidden_size, c.num_heads * c.head_dim, bias=c.attention_bias)
         self.k_proj = nn.Linear(c.hidden_size, c.num_kv_heads * c.head_dim, bias=c.attention_bias)
         self.v_proj = nn.Linear(c.hidden_size, c.num_kv_heads * c.head_dim, bias=c.attention_bias)
         self.o_proj = nn.Linear(c.num_heads * c.head_dim, c.hidden_size, bias=False)
+        self.qk_norm = c.family.qk_norm
+        if self.qk_norm:  # per head, before the rotation
+            self.q_norm = RMSNorm(c.head_dim, c.rms_norm_eps)
+            self.k_norm = RMSNorm(c.head_dim, c.rms_norm_eps)
 
     def forward(self, x, cos, sin, k_cache, v_cache, start: int, mask: torch.Tensor | None):
         n = x.shape[0]
-        q = rotate(self.q_proj(x).view(n, self.num_heads, self.head_dim), cos, sin)
-        k = rotate(self.k_proj(x).view(n, self.num_kv_heads, self.head_dim), cos, sin)
+        q = self.q_proj(x).view(n, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(n, self.num_kv_heads, self.head_dim)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = rotate(q, cos, sin), rotate(k, cos, sin)
         v = self.v_proj(x).view(n, self.num_kv_heads, self.head_dim)
         end = start + n
         k_cache[:, start:end] = k.transpose(0, 1)
@@ -119,7 +146,9 @@ class Attention(nn.Module):
         int8 linears, whose rows are already independent, verification is then exact."""
         n, kv, group, dim = q.shape[0], self.num_kv_heads, self.num_heads // self.num_kv_heads, self.head_dim
         q = q.double().view(n, kv, group, dim).permute(1, 2, 0, 3).reshape(kv, group * n, dim)
-        scores = (q @ k.double().transpose(1, 2)).mul_(dim**-0.5).view(kv, group, n, -1)
+        scores = (q @ k.double().transpose(1, 2)).mul_(self.scale).view(kv, group, n, -1)
+        if self.softcap:
+            scores = scores.div_(self.softcap).tanh_().mul_(self.softcap)
         if mask is not None:
             scores.masked_fill_(~mask, float("-inf"))
         probs = torch.softmax(scores, dim=-1).view(kv, group * n, -1)
@@ -133,20 +162,34 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=False)
         self.up_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=False)
         self.down_proj = nn.Linear(c.intermediate_size, c.hidden_size, bias=False)
+        self.act = ACTIVATIONS[c.family.activation]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
 
 
 class Block(nn.Module):
+    """One layer. Its tensors are the same in every layer of a model (per-layer settings,
+    the window and the rotary table, come with the call), so one Block built over a buffer
+    serves any streamed layer. Module names are Hugging Face's: with `sandwich_norms`
+    `post_attention_layernorm` normalizes the attention's output (Gemma), else the MLP's
+    input (Llama)."""
+
     def __init__(self, c: ModelConfig):
         super().__init__()
         self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
         self.self_attn = Attention(c)
         self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
         self.mlp = MLP(c)
+        self.sandwich = c.family.sandwich_norms
+        if self.sandwich:
+            self.pre_feedforward_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+            self.post_feedforward_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
 
     def forward(self, x, cos, sin, k_cache, v_cache, start: int, mask):
+        if self.sandwich:
+            x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), cos, sin, k_cache, v_cache, start, mask))
+            return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, k_cache, v_cache, start, mask)
         return x + self.mlp(self.post_attention_layernorm(x))
 
@@ -165,6 +208,16 @@ class Transformer(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.register_buffer("inv_freq", config.rope_inv_freq(), persistent=False)
+        # longrope: positions from `long_from` on rotate with the long factors
+        self.long_from = config.rope_long_from
+        self.inv_freq_long = config.rope_inv_freq(long=True) if self.long_from is not None else None
+        self.rope_factor = config.rope_attention_factor
+        # sliding-window layers with a rotary base of their own (Gemma 3)
+        self.inv_freq_local = config.rope_inv_freq(local=True) if config.rope_local_theta is not None else None
+        self.windows = [config.layer_window(i) for i in range(config.num_layers)]
+        self.window = config.sliding_window if any(self.windows) else None
+        self.embed_scale = torch.tensor(config.hidden_size**0.5, device="cpu") if config.family.embed_scale else None
+        self.final_softcap = config.final_softcap
 
     @torch.inference_mode()
     def forward(
@@ -187,15 +240,54 @@ class Transformer(nn.Module):
             raise ValueError(f"KV cache holds {cache.max_len} slots; asked for {start + n}")
         if mask is None and n > 1:
             mask = torch.ones(n, start + n, dtype=torch.bool).tril(start)
-        angles = positions.to(torch.float32)[:, None] * self.inv_freq[None, :]
-        angles = torch.cat((angles, angles), dim=-1)[:, None, :]  # [T, 1, head_dim]
-        cos, sin = angles.cos(), angles.sin()
+        cos, sin = self._rotary(positions, self.inv_freq)
+        local_mask = cos_local = sin_local = None
+        if self.window is not None:
+            local_mask = self._window_mask(positions, cache, start, mask)
+            if self.inv_freq_local is not None:
+                cos_local, sin_local = self._rotary(positions, self.inv_freq_local)
         x = self.embed_tokens(tokens)
+        if self.embed_scale is not None:
+            x = x * self.embed_scale
         for i, layer in enumerate(self.layers):
+            windowed = self.windows[i] is not None
+            layer_mask = local_mask if windowed else mask
+            c, s = (cos_local, sin_local) if windowed and cos_local is not None else (cos, sin)
             for a in range(0, n, ROW_CHUNK):  # bounded activations for long prompts
                 rows = slice(a, min(n, a + ROW_CHUNK))
-                part_mask = None if mask is None else mask[rows, : start + rows.stop]
-                x[rows] = layer(x[rows], cos[rows], sin[rows], cache.k[i], cache.v[i], start + a, part_mask)
+                part_mask = None if layer_mask is None else layer_mask[rows, : start + rows.stop]
+                x[rows] = layer(x[rows], c[rows], s[rows], cache.k[i], cache.v[i], start + a, part_mask)
         if last_only:
             x = x[-1:]
-        return self.lm_head(self.norm(x))
+        logits = self.lm_head(self.norm(x))
+        if self.final_softcap:  # -inf (a token a draft's head leaves out) stays -inf
+            capped = torch.tanh(logits / self.final_softcap) * self.final_softcap
+            logits = capped.masked_fill_(torch.isneginf(logits), -torch.inf)
+        return logits
+
+    def _rotary(self, positions: torch.Tensor, inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin [T, 1, rotary dims] of each row's own position: a token's rotation
+        never depends on the other rows of its pass (longrope picks the short or the long
+        factors per position, as transformers does decoding token by token)."""
+        if self.inv_freq_long is not None and inv_freq is self.inv_freq:
+            inv_freq = torch.where((positions >= self.long_from)[:, None], self.inv_freq_long[None, :], inv_freq[None, :])
+            angles = positions.to(torch.float32)[:, None] * inv_freq
+        else:
+            angles = positions.to(torch.float32)[:, None] * inv_freq[None, :]
+        angles = torch.cat((angles, angles), dim=-1)[:, None, :]
+        cos, sin = angles.cos(), angles.sin()
+        if self.rope_factor != 1.0:
+            cos, sin = cos * self.rope_factor, sin * self.rope_factor
+        return cos, sin
+
+    def _window_mask(self, positions: torch.Tensor, cache: KVCache, start: int, mask: torch.Tensor | None) -> torch.Tensor | None:
+        """The sliding-window layers' mask: `mask` (causal or a tree's) and, for a query at
+        position p, only cache entries at positions p - window + 1 .. p. Records the rows'
+        positions in the cache first. None where that is `mask` itself."""
+        end = start + positions.shape[0]
+        cache.pos[start:end] = positions
+        keys = cache.pos[:end]
+        if int(positions.max()) - int(keys.min()) < self.window:  # every entry is within every row's window
+            return mask
+        near = (positions[:, None] - keys[None, :]) < self.window
+        return near if mask is None else mask & near

@@ -22,6 +22,7 @@ from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tok
 from tokenizers import Tokenizer as Backend
 
 from llmcad.errors import LlmcadError
+from llmcad.families import family_of_gguf
 from llmcad.gguf_file import GGUFFile
 
 # llama.cpp's token types (tokenizer.ggml.token_type).
@@ -129,6 +130,12 @@ class Tokenizer:
 
     def token_to_id(self, token: str) -> int | None:
         return self.backend.token_to_id(token)
+
+    def token_strings(self, count: int | None = None) -> list[str | None]:
+        """The vocabulary entries of ids 0 .. count-1 (all ids by default), None where an id
+        has none: what another model's token strings are compared with."""
+        count = self.vocab_size if count is None else count
+        return [self.backend.id_to_token(i) for i in range(count)]
 
     def stream_decoder(self, skip_special_tokens: bool = False) -> StreamDecoder:
         return StreamDecoder(self, skip_special_tokens)
@@ -242,13 +249,19 @@ class Tokenizer:
             backend = Backend(models.BPE(vocab, merges, ignore_merges=flavour.ignore_merges))
             flavour.configure(backend)
             add_bos = flavour.add_bos
+        elif _sentencepiece_style(file.fields) == "gemma":
+            tokens = _gemma_spelling(tokens)
+            vocab = {token: i for i, token in enumerate(tokens)}
+            backend = _gemma_sentencepiece(meta, tokens, vocab)
+            add_bos = True
         else:
             backend = _sentencepiece_bpe(meta, tokens, types, vocab)
             add_bos = True
 
         # Both are matched whole in text; only special ones are dropped by decode(skip_special_tokens=True).
         special = [AddedToken(t, special=True, normalized=False) for t, k in zip(tokens, types) if k in SPECIAL]
-        user = [AddedToken(t, special=False, normalized=False) for t, k in zip(tokens, types) if k == USER_DEFINED]
+        # (Gemma's runs of spaces, respelled as "▁" runs, are pieces of the model, as in transformers)
+        user = [AddedToken(t, special=False, normalized=False) for t, k, was in zip(tokens, types, meta.tokens) if k == USER_DEFINED and t == was]
         backend.add_special_tokens(special)
         backend.add_tokens(user)
         bos, eos = meta.token_id("bos_token_id"), meta.token_id("eos_token_id")
@@ -268,6 +281,37 @@ class Tokenizer:
             pad_token_id=meta.token_id("padding_token_id"),
             chat_template=meta.get("tokenizer.chat_template"),
         )
+
+
+def token_strings_of_gguf(file: GGUFFile) -> list[str | None]:
+    """The vocabulary entry of every id in a GGUF, as the tokenizer `Tokenizer.from_gguf`
+    builds spells it (Gemma's runs of spaces as "▁" runs), without building it."""
+    tokens = file.fields.get("tokenizer.ggml.tokens")
+    if tokens is None:
+        raise LlmcadError(f"{file.path}: GGUF metadata has no tokenizer.ggml.tokens")
+    if file.fields.get("tokenizer.ggml.model") == "llama" and _sentencepiece_style(file.fields) == "gemma":
+        tokens = _gemma_spelling(tokens)
+        last = {t: i for i, t in enumerate(tokens)}  # a respelling that repeats an entry: the tokenizer keeps the last
+        return [t if last[t] == i else None for i, t in enumerate(tokens)]
+    return tokens
+
+
+def token_strings_of_file(file: Path) -> list[str | None]:
+    """The vocabulary entry of every id in a tokenizer.json (its model's vocabulary and the
+    added tokens), None where an id has none, without building the tokenizer."""
+    raw = _read_json(file)
+    if not raw:
+        raise LlmcadError(f"{file}: no such file; a Hugging Face model folder needs one")
+    try:
+        vocab = raw["model"]["vocab"]
+        pairs = [(i, t) for i, (t, _) in enumerate(vocab)] if isinstance(vocab, list) else [(i, t) for t, i in vocab.items()]
+        pairs += [(t["id"], t["content"]) for t in raw.get("added_tokens") or []]
+    except (KeyError, TypeError, ValueError) as e:
+        raise LlmcadError(f"{file}: unexpected tokenizer.json layout ({e})") from None
+    tokens: list[str | None] = [None] * (1 + max((i for i, _ in pairs), default=-1))
+    for i, t in pairs:
+        tokens[i] = t
+    return tokens
 
 
 class StreamDecoder:
@@ -346,6 +390,39 @@ def _sentencepiece_bpe(meta: _Metadata, tokens: list[str], types: list[int], voc
     backend.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), space]) if prefix else space
     steps = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
     backend.decoder = decoders.Sequence([*steps, decoders.Strip(" ", 1, 0)] if prefix else steps)
+    return backend
+
+
+def _sentencepiece_style(fields: dict[str, Any]) -> str:
+    """How the family of a GGUF's architecture rebuilds a SentencePiece vocabulary."""
+    family = family_of_gguf(fields.get("general.architecture"))
+    return family.sentencepiece if family is not None else "llama"
+
+
+def _gemma_spelling(tokens: list[str]) -> list[str]:
+    """llama.cpp writes Gemma's tokens of two or more spaces with real spaces; Gemma's own
+    tokenizer (which maps " " to "▁" before the model) has them as "▁" runs."""
+    return ["▁" * len(t) if " " in t and not t.strip() else t for t in tokens]
+
+
+def _gemma_sentencepiece(meta: _Metadata, tokens: list[str], vocab: dict[str, int]) -> Backend:
+    """Gemma's tokenizer as transformers builds it from a GGUF (its GemmaTokenizer over the
+    file's vocabulary): BPE with byte fallback over "▁"-for-space pieces, no prefix space
+    (unless the file asks for one), merges rebuilt from the vocabulary (the file has none)
+    ranked by the merged token's position in it (Gemma's scores do not follow its merge
+    order), a token's splits with the longer left part first."""
+    merges = []
+    for token in tokens:
+        for i in range(len(token) - 1, 0, -1):
+            if token[:i] in vocab and token[i:] in vocab:
+                merges.append((token[:i], token[i:]))
+    unk = meta.token_id("unknown_token_id")
+    backend = Backend(models.BPE(vocab, merges, unk_token=tokens[unk] if unk is not None else "<unk>", fuse_unk=True, byte_fallback=True))
+    space = normalizers.Replace(" ", "▁")
+    prefix = meta.get("tokenizer.ggml.add_space_prefix", False)
+    backend.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), space]) if prefix else space
+    backend.pre_tokenizer = pre_tokenizers.Split(" ", behavior="merged_with_previous")
+    backend.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
     return backend
 
 

@@ -20,9 +20,10 @@ from tqdm import tqdm
 
 from llmcad.config import ModelConfig
 from llmcad.errors import LlmcadError
+from llmcad.families import GGUF_ROPE_TENSORS, Family
 from llmcad.gguf_file import GGUFFile, GGUFTensor, dequantize_tensor, read_tensor
 from llmcad.kernels import QTYPES
-from llmcad.model import Transformer
+from llmcad.model import Block, Transformer
 from llmcad.quant import (
     PRECISIONS,
     FloatLinear,
@@ -37,22 +38,8 @@ from llmcad.quant import (
     tied_head,
     vocab_precision,
 )
-from llmcad.tokenizer import Tokenizer
+from llmcad.tokenizer import Tokenizer, token_strings_of_file, token_strings_of_gguf
 
-GGUF_NAMES = {
-    "token_embd": "embed_tokens",
-    "output_norm": "norm",
-    "output": "lm_head",
-    "attn_norm": "input_layernorm",
-    "ffn_norm": "post_attention_layernorm",
-    "attn_q": "self_attn.q_proj",
-    "attn_k": "self_attn.k_proj",
-    "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj",
-    "ffn_gate": "mlp.gate_proj",
-    "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj",
-}
 IGNORED_HF_TENSORS = ("rotary_emb.inv_freq",)
 QTYPE_OF_GGML = {ggml: name for name, (_, _, ggml) in QTYPES.items()}
 
@@ -70,8 +57,16 @@ class Checkpoint:
     def tensors(self, skip: Container[str] = (), blocks: bool = False) -> Iterator[tuple[str, torch.Tensor | QuantBlocks]]:
         """(name, fp32 tensor) pairs, one tensor in memory at a time; names in `skip` are not
         read. With `blocks`, a GGUF matrix in a type the native kernels compute comes as it is
-        stored (`QuantBlocks`)."""
-        return _gguf_tensors(self, skip, blocks) if self.gguf is not None else _hf_tensors(self.path, skip)
+        stored (`QuantBlocks`). Names and layouts are the model's: the family's fused
+        projections come split into their parts, norm weights with its offset added."""
+        family = self.config.family
+        if self.gguf is not None:
+            tensors = _gguf_tensors(self, skip, blocks)
+        else:
+            tensors = _hf_tensors(self.path, skip, family)
+            if family.hf_norm_offset:
+                tensors = ((n, t + family.hf_norm_offset if n.endswith("norm.weight") else t) for n, t in tensors)
+        return _split_fused(self.config, tensors) if family.fused else tensors
 
     def blocks(self, name: str, ids: Sequence[int] | None = None) -> QuantBlocks | None:
         """The matrix `name` (all rows, or the rows `ids`) in its GGUF blocks, if it is stored
@@ -83,7 +78,8 @@ class Checkpoint:
         return replace(blocks, data=blocks.data[torch.as_tensor(ids)])
 
     def _gguf_tensor(self, name: str) -> GGUFTensor | None:
-        return next((t for t in self.gguf.tensors if _gguf_name(t.name) == name), None)
+        names = self.config.family.gguf_name_map()
+        return next((t for t in self.gguf.tensors if _gguf_name(t.name, names) == name), None)
 
     def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
         """Rows `start:stop` of the 2-D tensor `name` in fp32: a 150k-row embedding is
@@ -93,7 +89,7 @@ class Checkpoint:
     def row_reader(self, name: str) -> Callable[[int, int], torch.Tensor]:
         """rows(start, stop) of tensor `name`, holding only the file's path (not its metadata)."""
         if self.gguf is None:
-            return partial(_hf_rows, self.path, name)
+            return partial(_hf_rows, self.path, name, self.config.family)
         tensor = self._gguf_tensor(name)
         if tensor is None:
             raise LlmcadError(f"{self.path}: no tensor {name}")
@@ -109,6 +105,13 @@ class Checkpoint:
         if self.gguf is not None:
             return Tokenizer.from_gguf(self.gguf)
         return Tokenizer.from_hf_folder(self.path)
+
+    def token_strings(self) -> list[str | None]:
+        """The vocabulary entry of every token id (None where an id has none), read from the
+        GGUF's token array or tokenizer.json without building a tokenizer."""
+        if self.gguf is not None:
+            return token_strings_of_gguf(self.gguf)
+        return token_strings_of_file(self.path / "tokenizer.json")
 
 
 def open_checkpoint(path: str | Path) -> Checkpoint:
@@ -136,6 +139,44 @@ class VocabularySubsetHead(nn.Module):
         return logits
 
 
+class WidthHead(nn.Module):
+    """An output head's logits cut to `width` columns, or padded to it with -inf: a draft
+    whose vocabulary has more or fewer rows than its target's (padding) gives logits over
+    the target's ids, and never proposes one the target lacks."""
+
+    def __init__(self, head: nn.Module, width: int):
+        super().__init__()
+        self.head, self.width = head, width
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = self.head(x)
+        have = logits.shape[-1]
+        if have >= self.width:
+            return logits[..., : self.width]
+        out = logits.new_full((*logits.shape[:-1], self.width), -torch.inf)
+        out[..., :have] = logits
+        return out
+
+
+class ZeroPastEmbedding(nn.Module):
+    """An embedding that gives zeros for ids past its `rows`: a draft with fewer rows than
+    its target runs whatever the target committed (an id in the target's padding, which it
+    never proposes itself), and only its proposals suffer."""
+
+    def __init__(self, embedding: nn.Module, rows: int, dim: int):
+        super().__init__()
+        self.embedding, self.rows, self.dim = embedding, rows, dim
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        inside = ids < self.rows
+        if bool(inside.all()):
+            return self.embedding(ids)
+        out = torch.zeros(len(ids), self.dim)
+        if bool(inside.any()):
+            out[inside] = self.embedding(ids[inside])
+        return out
+
+
 class CheckpointEmbedding(nn.Module):
     """Token embedding rows read from the checkpoint file when a step looks them up (about
     0.1 ms a row from a GGUF), instead of a resident vocabulary-sized table."""
@@ -158,12 +199,16 @@ def load_model(
     progress: bool = False,
     embedding_on_demand: bool = False,
     head_ids: Sequence[int] | None = None,
+    logits_width: int | None = None,
 ) -> Transformer:
     """Build the model, converting each tensor to `precision` as soon as its module is complete;
     vocabulary-sized matrices are converted a slice of rows at a time (no fp32 copy of a
     150k-row head). With `embedding_on_demand` the embedding is not loaded unless it is the
     output head's matrix too: its rows are read from the checkpoint as needed. With
-    `head_ids` the output head holds only those tokens' rows (`VocabularySubsetHead`)."""
+    `head_ids` the output head holds only those tokens' rows (`VocabularySubsetHead`). With
+    `logits_width` (a draft for a target whose vocabulary has another number of rows) the
+    logits have that width: cut to it, or -inf past the model's own rows (`WidthHead`), so
+    it never proposes an id the target lacks."""
     if precision not in PRECISIONS:
         raise LlmcadError(f"unknown precision {precision!r} (choose from {', '.join(PRECISIONS)})")
     config = ckpt.config
@@ -185,6 +230,10 @@ def load_model(
             blocks = ckpt.blocks(head_name, head_ids) if precision == "gguf" else None
             head = QuantLinear(blocks.qtype, blocks.data) if blocks else _vocab_matrix(ckpt, head_name, precision, as_head=True, ids=head_ids)
             model.lm_head = head if head_ids is None else VocabularySubsetHead(head, torch.tensor(head_ids), config.vocab_size)
+        if logits_width is not None and logits_width != config.vocab_size:
+            model.lm_head = WidthHead(model.lm_head, logits_width)
+            if logits_width > config.vocab_size:  # the target may still commit an id past these rows
+                model.embed_tokens = ZeroPastEmbedding(model.embed_tokens, config.vocab_size, config.hidden_size)
         bar.update(len(VOCAB_MATRICES) - config.tie_word_embeddings)
         linears: dict[str, dict[str, torch.Tensor | QuantBlocks]] = {}  # a linear's tensors until it has all
         for name, tensor in ckpt.tensors(skip=VOCAB_MATRICES, blocks=precision == "gguf"):
@@ -285,7 +334,7 @@ def _open_hf(folder: Path) -> Checkpoint:
     for file in files:
         try:
             with safe_open(file, framework="pt") as f:
-                count += len(f.keys())
+                count += sum(_hf_name(k, config.family) is not None for k in f.keys())
         except (SafetensorError, OSError) as e:
             raise LlmcadError(f"{file}: unreadable safetensors file ({e})") from None
     return Checkpoint(folder, config, source_bytes(folder), count)
@@ -325,23 +374,33 @@ def _safetensors_files(folder: Path) -> list[Path]:
     return files
 
 
-def _hf_tensors(folder: Path, skip: Container[str]) -> Iterator[tuple[str, torch.Tensor]]:
+def _hf_name(key: str, family: Family) -> str | None:
+    """A safetensors key as the model names it (the family's prefix stripped: `model.`, a
+    multimodal checkpoint's `model.language_model.`); None for a tensor not read (its
+    vision tower)."""
+    if key.startswith(family.hf_ignored):
+        return None
+    prefix = next((p for p in family.hf_prefixes if key.startswith(p)), "")
+    return key[len(prefix) :]
+
+
+def _hf_tensors(folder: Path, skip: Container[str], family: Family) -> Iterator[tuple[str, torch.Tensor]]:
     for file in _safetensors_files(folder):
         try:
             with safe_open(file, framework="pt") as f:
                 for key in f.keys():
-                    name = key.removeprefix("model.")
-                    if name not in skip:
+                    name = _hf_name(key, family)
+                    if name is not None and name not in skip:
                         yield name, f.get_tensor(key).to(torch.float32)
         except (SafetensorError, OSError, RuntimeError) as e:
             raise LlmcadError(f"{file}: unreadable safetensors file ({e})") from None
 
 
-def _hf_rows(folder: Path, name: str, start: int, stop: int) -> torch.Tensor:
+def _hf_rows(folder: Path, name: str, family: Family, start: int, stop: int) -> torch.Tensor:
     for file in _safetensors_files(folder):
         try:
             with safe_open(file, framework="pt") as f:
-                key = next((k for k in f.keys() if k.removeprefix("model.") == name), None)
+                key = next((k for k in f.keys() if _hf_name(k, family) == name), None)
                 if key is not None:
                     return f.get_slice(key)[start:stop].to(torch.float32)
         except (SafetensorError, OSError, RuntimeError) as e:
@@ -355,37 +414,63 @@ def _hf_rows(folder: Path, name: str, start: int, stop: int) -> torch.Tensor:
 def _open_gguf(path: Path) -> Checkpoint:
     file = GGUFFile(path)
     tensors = {t.name: t for t in file.tensors}
-    config = ModelConfig.from_gguf(file.fields, str(path), tie_word_embeddings="output.weight" not in tensors)
-    if "rope_freqs.weight" in tensors:
-        factors = file.dequantize(tensors["rope_freqs.weight"])
-        config = _with_freq_factors(config, factors.tolist())
+    # rotary settings stored as tensors: llama.cpp's frequency divisors, Phi-3's longrope factors
+    factors = {name.removesuffix(".weight"): file.dequantize(tensors[name]).tolist() for name in GGUF_ROPE_TENSORS if name in tensors}
+    config = ModelConfig.from_gguf(file.fields, str(path), tie_word_embeddings="output.weight" not in tensors, rope_factors=factors)
     return Checkpoint(path, config, path.stat().st_size, len(file.tensors), file)
 
 
-def _with_freq_factors(config: ModelConfig, factors: list[float]) -> ModelConfig:
-    return replace(config, rope_scaling={"rope_type": "freq_factors", "factors": factors})
-
-
-def _gguf_name(gguf_name: str) -> str:
+def _gguf_name(gguf_name: str, names: dict[str, str]) -> str:
     parts = gguf_name.split(".")
     if parts[0] == "blk":
-        return f"layers.{parts[1]}.{GGUF_NAMES.get(parts[2], parts[2])}.{parts[3]}"
-    return f"{GGUF_NAMES.get(parts[0], parts[0])}.{parts[1]}"
+        return f"layers.{parts[1]}.{names.get(parts[2], parts[2])}.{parts[3]}"
+    return f"{names.get(parts[0], parts[0])}.{parts[1]}"
 
 
 def _gguf_tensors(ckpt: Checkpoint, skip: Container[str], blocks: bool) -> Iterator[tuple[str, torch.Tensor | QuantBlocks]]:
     config = ckpt.config
+    names = config.family.gguf_name_map()
     for t in ckpt.gguf.tensors:
-        name = _gguf_name(t.name)
-        if t.name == "rope_freqs.weight" or name in skip:
+        name = _gguf_name(t.name, names)
+        if t.name in GGUF_ROPE_TENSORS or name in skip:
             continue
         tensor = _quant_blocks(ckpt.gguf.path, t) if blocks else None
         if tensor is None:
             tensor = torch.from_numpy(ckpt.gguf.dequantize(t))
-        if config.arch == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
+        if config.family.gguf_rope_permuted and name.endswith(("q_proj.weight", "k_proj.weight")):
             heads = config.num_heads if "q_proj" in name else config.num_kv_heads
             tensor = _unpermute_rope(tensor, heads)
         yield name, tensor
+
+
+def _split_fused(config: ModelConfig, tensors: Iterator[tuple[str, torch.Tensor | QuantBlocks]]) -> Iterator[tuple[str, torch.Tensor | QuantBlocks]]:
+    """The family's fused projections (Phi-3's qkv_proj, gate_up_proj) as their parts, by
+    rows (a GGUF matrix's blocks too: each row is quantized on its own), so the model, the
+    layer store and the kernels see ordinary matrices."""
+    parts = _fused_parts(config)
+    for name, tensor in tensors:
+        module, _, kind = name.rpartition(".")  # layers.3.self_attn.qkv_proj, weight
+        top, _, rest = module.partition(".")
+        index, _, rel = rest.partition(".")
+        split = parts.get(rel) if top == "layers" else None
+        if split is None:
+            yield name, tensor
+            continue
+        rows = tensor.shape[0]
+        if rows != sum(n for _, n in split):
+            raise LlmcadError(f"tensor {name!r} has {rows} rows, expected {sum(n for _, n in split)} ({' + '.join(p for p, _ in split)})")
+        at = 0
+        for part, n in split:
+            piece = replace(tensor, data=tensor.data[at : at + n]) if isinstance(tensor, QuantBlocks) else tensor[at : at + n]
+            yield f"layers.{index}.{part}.{kind}", piece
+            at += n
+
+
+def _fused_parts(config: ModelConfig) -> dict[str, list[tuple[str, int]]]:
+    """Fused module (relative to a layer) -> its parts and their rows, from the model's own shapes."""
+    with torch.device("meta"):
+        block = Block(config)
+    return {fused: [(part, block.get_submodule(part).out_features) for part in parts] for fused, parts in config.family.fused.items()}
 
 
 def _quant_blocks(path: Path, tensor: GGUFTensor) -> QuantBlocks | None:

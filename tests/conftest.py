@@ -1,9 +1,10 @@
-"""Shared fixtures: tiny random Llama/Qwen2 models saved as Hugging Face folders and GGUF
-files, with a small byte-level BPE tokenizer trained here, and the real SmolLM2 GGUF."""
+"""Shared fixtures: tiny random models of every family saved as Hugging Face folders and GGUF
+files (written as llama.cpp's converter writes them), with a small byte-level BPE tokenizer trained here, and the real SmolLM2 GGUF."""
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -64,7 +65,15 @@ def make_tiny_hf(folder: Path, arch: str = "llama", seed: int = 0, noise: float 
         bos_token_id=None,
     )
     kwargs.update(overrides)
-    config_cls = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config}[arch]
+    config_cls = {
+        "llama": transformers.LlamaConfig,
+        "qwen2": transformers.Qwen2Config,
+        "qwen3": transformers.Qwen3Config,
+        "mistral": transformers.MistralConfig,
+        "phi3": transformers.Phi3Config,
+        "gemma2": transformers.Gemma2Config,
+        "gemma3": transformers.Gemma3TextConfig,
+    }[arch]
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config_cls(**kwargs), torch_dtype=torch.float32)
     with torch.no_grad():  # random init is near zero; widen it so logits differ clearly
@@ -75,6 +84,9 @@ def make_tiny_hf(folder: Path, arch: str = "llama", seed: int = 0, noise: float 
             p.add_(torch.randn(p.shape, generator=perturb) * noise)
     model.save_pretrained(folder)
     return folder
+
+
+GEMMA = ("gemma2", "gemma3_text")
 
 
 def write_gguf(folder: Path, out: Path, qtypes: dict[str, str]) -> Path:
@@ -88,7 +100,9 @@ def write_gguf(folder: Path, out: Path, qtypes: dict[str, str]) -> Path:
     from tokenizers import Tokenizer
 
     cfg = json.loads((folder / "config.json").read_text())
-    arch = cfg["model_type"]
+    model_type = cfg["model_type"]
+    # llama.cpp converts Mistral as Llama; a Gemma 3 text model is its "gemma3"
+    arch = {"mistral": "llama", "gemma3_text": "gemma3"}.get(model_type, model_type)
     w = gguf.GGUFWriter(str(out), arch)
     w.add_block_count(cfg["num_hidden_layers"])
     w.add_context_length(cfg["max_position_embeddings"])
@@ -96,14 +110,45 @@ def write_gguf(folder: Path, out: Path, qtypes: dict[str, str]) -> Path:
     w.add_feed_forward_length(cfg["intermediate_size"])
     w.add_head_count(cfg["num_attention_heads"])
     w.add_head_count_kv(cfg["num_key_value_heads"])
-    w.add_rope_freq_base(cfg.get("rope_theta") or cfg["rope_parameters"]["rope_theta"])
+    rope = cfg.get("rope_parameters") or {}
+    w.add_rope_freq_base(cfg.get("rope_theta") or rope.get("rope_theta") or rope["full_attention"]["rope_theta"])
     w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
     w.add_vocab_size(cfg["vocab_size"])
+    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+    if head_dim != cfg["hidden_size"] // cfg["num_attention_heads"] or model_type in GEMMA:  # Qwen3; Gemma always
+        w.add_key_length(head_dim)
+        w.add_value_length(head_dim)
+    extra = {}
+    if model_type in ("mistral", "phi3"):
+        w.add_sliding_window(cfg.get("sliding_window") or 0)  # as llama.cpp's Phi-3 converter: 0 for none
+    elif cfg.get("use_sliding_window") and "sliding_attention" in cfg.get("layer_types", ()):  # Qwen: a window on some layers
+        w.add_sliding_window(cfg["sliding_window"])
+        w.add_sliding_window_pattern([t == "sliding_attention" for t in cfg["layer_types"]])
+    elif model_type in GEMMA:  # as llama.cpp's Gemma converters: no pattern key (llama.cpp knows it), caps, linear rope
+        w.add_sliding_window(cfg["sliding_window"])
+        if cfg.get("attn_logit_softcapping"):
+            w.add_attn_logit_softcapping(cfg["attn_logit_softcapping"])
+        if cfg.get("final_logit_softcapping"):
+            w.add_final_logit_softcapping(cfg["final_logit_softcapping"])
+        full = rope.get("full_attention") or {}
+        if full.get("rope_type") == "linear":
+            w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+            w.add_rope_scaling_factor(full["factor"])
+    if model_type == "phi3":  # as llama.cpp's converter: rotary dims, and longrope's factors as tensors
+        w.add_rope_dimension_count(int(head_dim * rope.get("partial_rotary_factor", cfg.get("partial_rotary_factor", 1.0))))
+        original = rope.get("original_max_position_embeddings") or cfg.get("original_max_position_embeddings")
+        if original:
+            w.add_rope_scaling_orig_ctx_len(original)
+        if rope.get("long_factor"):
+            scale = cfg["max_position_embeddings"] / original
+            w.add_rope_scaling_attn_factors(math.sqrt(1 + math.log(scale) / math.log(original)) if scale > 1.0 else 1.0)
+            extra["rope_factors_long.weight"] = np.array(rope["long_factor"], dtype=np.float32)
+            extra["rope_factors_short.weight"] = np.array(rope["short_factor"], dtype=np.float32)
     tok = json.loads((folder / "tokenizer.json").read_text())
     vocab = Tokenizer.from_file(str(folder / "tokenizer.json")).get_vocab(with_added_tokens=True)
     tokens = [t for t, _ in sorted(vocab.items(), key=lambda kv: kv[1])]
     w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("qwen2" if arch == "qwen2" else "default")
+    w.add_tokenizer_pre("qwen2" if model_type == "qwen2" else "default")
     w.add_token_list(tokens)
     w.add_token_types([3 if t in SPECIALS else 1 for t in tokens])
     merges = tok["model"]["merges"]
@@ -118,11 +163,18 @@ def write_gguf(folder: Path, out: Path, qtypes: dict[str, str]) -> Path:
         "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
         "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
         "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
-        "mlp.down_proj": "ffn_down",
+        "mlp.down_proj": "ffn_down", "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm",
+        "self_attn.qkv_proj": "attn_qkv", "mlp.gate_up_proj": "ffn_up",  # Phi-3 keeps them fused
     }
+    if model_type in GEMMA:  # its norms around both sublayers
+        names |= {"post_attention_layernorm": "post_attention_norm", "pre_feedforward_layernorm": "ffn_norm", "post_feedforward_layernorm": "post_ffw_norm"}
+    for name, array in extra.items():
+        w.add_tensor(name, array)
     state = load_file(folder / "model.safetensors")
     for hf_name, tensor in state.items():
         name = hf_name.removeprefix("model.")
+        if model_type in GEMMA and name.endswith("norm.weight"):  # llama.cpp stores Gemma's 1 + w
+            tensor = tensor.float() + 1
         if name.startswith("layers."):
             _, i, rest = name.split(".", 2)
             module, kind = rest.rsplit(".", 1)
@@ -147,6 +199,41 @@ def write_gguf(folder: Path, out: Path, qtypes: dict[str, str]) -> Path:
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
+    return out
+
+
+def varied_strings(n_random: int = 240, seed: int = 0) -> list[str]:
+    """A few hundred strings for tokenizer parity: code, numbers, whitespace runs, many
+    scripts and languages, emoji, special-token spellings, and random mixtures of them."""
+    import random
+
+    base = [
+        "Hello world", "hello world", " Hello", "  Hello", "Hello ", "Hello  ", "\tHello", "\n", "\n\n", "\n\n\n\n\n", " \n ", "  \n\n  ",
+        "def add(a, b):\n    return a + b\n", "for (int i = 0; i < n; i++) {\n\tsum += x[i];\n}", "<div class=\"x\">text</div>",
+        "SELECT * FROM users WHERE id = 42;", "import numpy as np\nx = np.zeros((3, 4))", "fn main() { println!(\"hi\"); }",
+        "    indented four", "        eight spaces", "a" + " " * 31 + "b", " " * 40, "x" * 50, "1234567890", "3.14159265358979",
+        "1,000,000.00", "0x1F 0b1010 1e-9", "2026-05-01T12:34:56Z", "$100 €200 £300 ¥400",
+        "Bonjour le monde! Ça va? Très bien.", "Grüße aus Köln, schöne Straße.", "¿Dónde está la biblioteca?", "Привет, мир! Как дела?",
+        "你好，世界。今天天气很好。", "こんにちは世界、カタカナとひらがな。", "안녕하세요 세계", "مرحبا بالعالم", "שלום עולם", "नमस्ते दुनिया",
+        "สวัสดีชาวโลก", "Γειά σου Κόσμε", "Xin chào thế giới", "😀😃😄 emoji 👩‍👩‍👧‍👦 🏳️‍🌈", "∑∫∂√∞ ≤ ≥ ≠ ≈", "naïve café résumé coöperate",
+        "<start_of_turn>user\nWhat is 2+2?<end_of_turn>\n<start_of_turn>model\n", "<bos>text<eos>", "<unused0> <mask> [multimodal]",
+        "tab\tseparated\tvalues\t1\t2", "CRLF line\r\nnext\r\n", "trailing spaces   ", "mixed \t \n whitespace", "\u00a0non-breaking\u00a0space",
+        "zero\u200bwidth", "ｆｕｌｌｗｉｄｔｈ　ｓｐａｃｅ", "Ω ohm vs Ω", "e\u0301 combining", "\x00\x01 control", "a<0x41>b",
+        "▁already▁has▁markers", "https://example.com/path?q=1&r=2#frag", "user@example.com", "C:\\Windows\\System32",
+        "{\"key\": [1, 2, {\"nested\": null}]}", "#include <stdio.h>\nint main(void) { return 0; }", "$ ls -la | grep .py",
+        "   leading", "The quick brown fox jumps over the lazy dog.", "THE QUICK BROWN FOX", "don't won't can't I'm you're",
+    ]
+    rng = random.Random(seed)
+    pieces = base + ["word", " ", "  ", "   ", "\n", "\t", "12", "345", "ü", "中", "😀", "<eos>", "_", "-", "==", "  x", "ß", "ñ", ".", ","]
+    out = list(base)
+    for _ in range(n_random):
+        k = rng.randint(1, 6)
+        out.append("".join(rng.choice(pieces) for _ in range(k)))
+    # random unicode code points from several blocks
+    blocks = [(0x20, 0x7E), (0xA0, 0x24F), (0x370, 0x3FF), (0x400, 0x4FF), (0x4E00, 0x4FFF), (0x3040, 0x30FF), (0x1F300, 0x1F64F), (0x0600, 0x06FF)]
+    for _ in range(60):
+        lo, hi = rng.choice(blocks)
+        out.append("".join(chr(rng.randint(lo, hi)) for _ in range(rng.randint(1, 12))))
     return out
 
 
@@ -187,3 +274,15 @@ def smallest_budget(model, **options) -> int:
     with pytest.raises(BudgetTooSmall) as refused:
         Engine.load(model, memory_budget=1, progress=False, **options)
     return refused.value.minimum
+
+
+def hf_greedy(model, ids: list[int], n: int) -> list[int]:
+    """transformers' greedy decoding with its KV cache, not stopping at (nor suppressing) EOS."""
+    out, past, inputs = [], None, torch.tensor([ids])
+    with torch.no_grad():
+        for _ in range(n):
+            step = model(inputs, past_key_values=past, use_cache=True)
+            past = step.past_key_values
+            out.append(int(step.logits[0, -1].argmax()))
+            inputs = torch.tensor([[out[-1]]])
+    return out

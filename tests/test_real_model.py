@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import hf_greedy
 
 from llmcad.engine import Engine
 
@@ -25,18 +26,6 @@ def hf_model(smollm2):
 @pytest.fixture(scope="module")
 def engine(smollm2) -> Engine:
     return Engine.load(smollm2, precision="fp32", progress=False)
-
-
-def hf_greedy(model, ids: list[int], n: int) -> list[int]:
-    """transformers' greedy decoding with its KV cache, not stopping at (nor suppressing) EOS."""
-    out, past, inputs = [], None, torch.tensor([ids])
-    with torch.no_grad():
-        for _ in range(n):
-            step = model(inputs, past_key_values=past, use_cache=True)
-            past = step.past_key_values
-            out.append(int(step.logits[0, -1].argmax()))
-            inputs = torch.tensor([[out[-1]]])
-    return out
 
 
 @pytest.mark.parametrize("messages", PROMPTS)
