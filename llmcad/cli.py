@@ -1,4 +1,4 @@
-"""The `llmcad` command: generate, serve, info, pull."""
+"""The `llmcad` command: generate, chat, serve, info, convert, verify, pull."""
 
 from __future__ import annotations
 
