@@ -134,7 +134,7 @@ def _load_engine(args: argparse.Namespace, progress: bool, target=None, max_cont
         precision=args.precision,
         draft_precision=args.draft_precision,
         max_context=max_context or args.max_context,
-        memory_budget=None if args.memory_budget.lower() == "none" else args.memory_budget,
+        memory_budget=_memory_budget(args),
         keep_page_cache=args.keep_page_cache,
         fallback=args.fallback,
         draft_vocab=args.draft_vocab or None,
@@ -147,6 +147,11 @@ def _load_engine(args: argparse.Namespace, progress: bool, target=None, max_cont
     return engine
 
 
+def _memory_budget(args: argparse.Namespace) -> str | None:
+    """--memory-budget as Engine.load takes it: None for "none"."""
+    return None if args.memory_budget.lower() == "none" else args.memory_budget
+
+
 def _generate(args: argparse.Namespace) -> int:
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     progress = not args.json and sys.stderr.isatty()  # bars only on a terminal, never in a log
@@ -155,7 +160,7 @@ def _generate(args: argparse.Namespace) -> int:
     if args.max_context and len(ids) + args.max_tokens > args.max_context:  # said before the models load
         raise LlmcadError(f"prompt ({len(ids)} tokens) plus max_tokens ({args.max_tokens}) exceeds the context window ({args.max_context} tokens)")
     # under a budget the context is this job's: every slot more is memory a resident layer could use
-    context = args.max_context or (len(ids) + max(1, args.max_tokens) if args.memory_budget.lower() != "none" else None)
+    context = args.max_context or (len(ids) + max(1, args.max_tokens) if _memory_budget(args) is not None else None)
     # without the native kernels the engine picks int8 or q4 by its plan: it opens the store itself
     target = store if args.precision != AUTO or kernels.available() else None
     # closed on the way out: a reader thread still running at interpreter exit aborts it
@@ -304,22 +309,20 @@ def _info(args: argparse.Namespace) -> int:
 
 def _draft_facts(target, draft: str) -> dict:
     """Whether `draft` can draft for the checkpoint `target`, by the engine's own check
-    (`engine._check_same_vocabulary`: the token strings of every id both vocabularies
-    have), and why not."""
-    from types import SimpleNamespace
-
-    from llmcad.engine import _check_same_vocabulary
+    (`engine.vocabulary_mismatch`: the token strings of every id both vocabularies have),
+    and why not."""
+    from llmcad.engine import vocabulary_mismatch
     from llmcad.weights import open_checkpoint
 
     facts = {"path": draft, "usable": False, "reason": None, "family": None, "note": None}
     try:
         ckpt = open_checkpoint(hub.resolve_model(draft, progress=sys.stderr.isatty()))
-        facts.update(path=str(ckpt.path), family=ckpt.config.arch)
-        # the target as the engine sees it (its store: config, tokenizer, name)
-        _check_same_vocabulary(SimpleNamespace(config=target.config, tokenizer=target.tokenizer, name=target.path.name), ckpt)
     except LlmcadError as e:
-        reason = str(e)
-        facts["reason"] = reason.partition(": ")[2] if "cannot draft for target" in reason else reason
+        facts["reason"] = str(e)
+        return facts
+    facts.update(path=str(ckpt.path), family=ckpt.config.arch)
+    facts["reason"] = vocabulary_mismatch(target.config, target.tokenizer, ckpt)
+    if facts["reason"] is not None:
         return facts
     facts["usable"] = True
     ours, theirs = target.config.vocab_size, ckpt.config.vocab_size

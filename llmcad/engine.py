@@ -75,6 +75,7 @@ class Engine:
         mode: str | None = None,
         tree_slots: int = TREE_SLOTS,
         fallback: str = DEFAULT_FALLBACK,
+        budget_note: str | None = None,
     ):
         tokenizer = store.tokenizer
         if tokenizer.vocab_size > model.config.vocab_size:
@@ -95,7 +96,8 @@ class Engine:
         self.fallback = fallback
         self._policies = {}
         self.lock = threading.Lock()
-        self.budget_note = "given" if self.plan.budget is not None else "none"  # how the budget was chosen
+        # how the budget was chosen: "none", "given", or auto's account of it
+        self.budget_note = budget_note or ("given" if self.plan.budget is not None else "none")
 
     @classmethod
     def load(
@@ -145,14 +147,19 @@ class Engine:
             precision = target.precision  # a store is computed in its own precision
         options = dict(draft=draft, mode=mode, max_context=max_context, memory_budget=memory_budget,
                        keep_page_cache=keep_page_cache, fallback=fallback, draft_vocab=draft_vocab, progress=progress)
-        if precision != AUTO or kernels.available():
-            precision = DEFAULT_PRECISION if precision == AUTO else precision
-            return cls._load(target, precision=precision, draft_precision=precision if draft_precision == AUTO else draft_precision, **options)
-        try:  # no native kernels: PyTorch's int8 is faster than its 4-bit kernel, and twice the size
-            return cls._load(target, precision="int8", draft_precision="int8" if draft_precision == AUTO else draft_precision, **options)
-        except BudgetTooSmall:
-            pass  # retried once the failed attempt's frames (a loaded draft) are gone
-        return cls._load(target, precision="q4", draft_precision="q4" if draft_precision == AUTO else draft_precision, **options)
+        if precision != AUTO:
+            candidates = [precision]
+        elif kernels.available():
+            candidates = [DEFAULT_PRECISION]
+        else:  # no native kernels: PyTorch's int8 is faster than its 4-bit kernel, and twice the size
+            candidates = ["int8", "q4"]
+        for p in candidates[:-1]:
+            try:
+                return cls._load(target, precision=p, draft_precision=p if draft_precision == AUTO else draft_precision, **options)
+            except BudgetTooSmall:
+                pass  # the next is tried once this attempt's frames (a loaded draft) are gone
+        p = candidates[-1]
+        return cls._load(target, precision=p, draft_precision=p if draft_precision == AUTO else draft_precision, **options)
 
     @classmethod
     def _load(cls, target, *, draft, mode, precision, draft_precision, max_context, memory_budget, keep_page_cache, fallback, draft_vocab, progress) -> Engine:
@@ -176,7 +183,9 @@ class Engine:
         if draft is not None:
             before = current_rss()
             draft_ckpt = open_checkpoint(resolve_model(draft, progress=progress))
-            _check_same_vocabulary(store, draft_ckpt)
+            problem = vocabulary_mismatch(config, store.tokenizer, draft_ckpt)
+            if problem:
+                raise LlmcadError(f"draft {draft_ckpt.path.name} cannot draft for target {store.name}: {problem}")
             head_ids = draft_head_ids(store.tokenizer, draft_ckpt.config.vocab_size, draft_vocab)
             draft_model = load_model(draft_ckpt, draft_precision, progress=progress, embedding_on_demand=True, head_ids=head_ids, logits_width=config.vocab_size)
             limit = min(limit, draft_ckpt.config.max_position_embeddings)
@@ -231,9 +240,7 @@ class Engine:
         if draft_state is not None:
             draft_state.cache = KVCache(draft_state.model.config, context + 2 * slots)
         model = StreamedTransformer(store, plan, drop_page_cache=not keep_page_cache)
-        engine = cls(model, store, context, draft_state, mode, slots, fallback)
-        engine.budget_note = budget_note
-        return engine
+        return cls(model, store, context, draft_state, mode, slots, fallback, budget_note)
 
     def close(self) -> None:
         """Stop the background reader (the engine cannot generate afterwards)."""
@@ -478,21 +485,21 @@ def draft_head_ids(tokenizer: Tokenizer, vocab_size: int, count: int | None) -> 
     return sorted(set(range(count)) | {i for i in special if i < vocab_size})
 
 
-def _check_same_vocabulary(target: LayerStore, draft: Checkpoint) -> None:
-    """Speculation compares token ids, so the draft must mean by every id it can propose
-    what the target means by it. It can propose the ids below both models' vocabulary rows
-    (the matrices are often padded past the tokenizer: 151,936 rows against 152,064 in one
+def vocabulary_mismatch(config: ModelConfig, tokenizer: Tokenizer, draft: Checkpoint) -> str | None:
+    """Why `draft` cannot draft for a target of this config and tokenizer (None: it can).
+
+    Speculation compares token ids, so the draft must mean by every id it can propose what
+    the target means by it. It can propose the ids below both models' vocabulary rows (the
+    matrices are often padded past the tokenizer: 151,936 rows against 152,064 in one
     family); for those the token strings must be equal (an id neither tokenizer has is
     padding in both), compared as lists (the GGUF's token array or tokenizer.json), without
     building the draft's tokenizer. (Where the row counts differ, the draft is loaded with
     the target's logits width: `load_model(logits_width=...)`.)"""
-    rows = min(target.config.vocab_size, draft.config.vocab_size)
+    rows = min(config.vocab_size, draft.config.vocab_size)
     theirs = draft.token_strings()[:rows]
     theirs += [None] * (rows - len(theirs))
-    ours = target.tokenizer.token_strings(rows)
-    if ours != theirs:
-        i = next(i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b)
-        raise LlmcadError(
-            f"draft {draft.path.name} cannot draft for target {target.name}: their tokenizers differ at id {i} "
-            f"(target {ours[i]!r}, draft {theirs[i]!r})"
-        )
+    ours = tokenizer.token_strings(rows)
+    if ours == theirs:
+        return None
+    i = next(i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b)
+    return f"their tokenizers differ at id {i} (target {ours[i]!r}, draft {theirs[i]!r})"

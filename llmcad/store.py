@@ -293,9 +293,8 @@ def store_path(source: Checkpoint | Path, precision: str) -> Path:
     from llmcad.hub import llmcad_home
 
     path = source.path if isinstance(source, Checkpoint) else Path(source)
-    file_bytes = source.file_bytes if isinstance(source, Checkpoint) else source_bytes(path)
     resolved = path.resolve()
-    key = hashlib.sha1(f"{resolved}|{file_bytes}|{resolved.stat().st_mtime_ns}".encode()).hexdigest()[:10]
+    key = hashlib.sha1(f"{resolved}|{source_bytes(path)}|{resolved.stat().st_mtime_ns}".encode()).hexdigest()[:10]
     root = Path(os.environ.get("LLMCAD_STORES") or llmcad_home() / "stores")
     return root / f"{path.stem}-{precision}-{key}"
 
