@@ -14,6 +14,7 @@ setup(
         Extension(
             "llmcad.kernels._qmatmul",
             sources=["llmcad/kernels/qmatmul.cpp"],
+            depends=["llmcad/kernels/tiles.h"],
             language="c++",
             extra_compile_args=["-O3", "-std=c++17", "-ffp-contract=off", "-fvisibility=hidden", "-pthread"],
             extra_link_args=["-pthread"],

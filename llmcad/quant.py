@@ -168,14 +168,13 @@ class QuantBlocks:
 
 
 class QuantLinear(nn.Module):
-    """y = x W^T + b with W in a GGUF block format (`blocks` uint8 [out, row bytes]), computed
-    by the native kernels."""
+    """y = x W^T + b with W in a GGUF block format packed for the native kernels (`blocks`
+    uint8 [out, packed row bytes], from `kernels.pack`)."""
 
     def __init__(self, qtype: str, blocks: torch.Tensor, bias: torch.Tensor | None = None):
         super().__init__()
         self.qtype, self.blocks, self.bias = qtype, blocks, bias
-        block, nbytes, _ = kernels.QTYPES[qtype]
-        self.out_features, self.in_features = blocks.shape[0], blocks.shape[1] // nbytes * block
+        self.out_features, self.in_features = blocks.shape[0], blocks.shape[1] // kernels.PACKED_BYTES[qtype] * kernels.QTYPES[qtype][0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -196,13 +195,14 @@ def quantize_q8_0(weight: torch.Tensor) -> torch.Tensor:
 def linear_tensors(weight: torch.Tensor | QuantBlocks, bias: torch.Tensor | None, precision: str) -> dict[str, torch.Tensor]:
     """A linear layer's tensors as stored in `precision` (names relative to the layer):
     fp32 `weight`; int8 `weight` + `scale`; q4 `qweight` + `qscales` (int8 where the 4-bit
-    kernel does not take the shape); gguf the blocks under their type's name (`q4_k`, ...:
-    a GGUF matrix's own, else Q8_0, else int8 where Q8_0 does not take the shape); `bias` in
-    fp32 when there is one. `weight` may be GGUF blocks (`QuantBlocks`)."""
+    kernel does not take the shape); gguf the blocks, packed for the native kernels, under
+    their type's name (`q4_k`, ...: a GGUF matrix's own, else Q8_0, else int8 where Q8_0 does
+    not take the shape); `bias` in fp32 when there is one. `weight` may be GGUF blocks
+    (`QuantBlocks`)."""
     if precision == "gguf" and isinstance(weight, QuantBlocks):
-        out = {weight.qtype: weight.data}
+        out = {weight.qtype: kernels.pack(weight.data, weight.qtype, weight.cols)}
     elif precision == "gguf" and kernels.fits("q8_0", weight.shape[1]):
-        out = {"q8_0": quantize_q8_0(weight.float())}
+        out = {"q8_0": kernels.pack(quantize_q8_0(weight.float()), "q8_0", weight.shape[1])}
     else:
         out = _unpacked_linear_tensors(weight.float(), precision)
     if bias is not None:

@@ -50,7 +50,7 @@ from llmcad.tokenizer import Tokenizer
 from llmcad.weights import IGNORED_HF_TENSORS, Checkpoint, open_checkpoint, source_bytes, vocab_rows
 
 FORMAT = "llmcad-layer-store"
-VERSION = 1
+VERSION = 2  # 2: GGUF blocks packed in the kernels' tiles
 DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.int8: "I8", torch.uint8: "U8"}
 DTYPE_OF = {v: k for k, v in DTYPES.items()}
 HASH_CHUNK = 16 << 20
@@ -289,12 +289,12 @@ def write_stamp(folder: Path, manifest_sha256: str, stats: dict[str, Stat]) -> N
 def store_path(source: Checkpoint | Path, precision: str) -> Path:
     """Where the store of `source` (a checkpoint or a model's path, not read) in `precision`
     is cached ($LLMCAD_STORES, else the `stores` folder under LLMCAD_HOME), keyed by the
-    source's path, size and modification time."""
+    source's path, size and modification time, and the store format's version."""
     from llmcad.hub import llmcad_home
 
     path = source.path if isinstance(source, Checkpoint) else Path(source)
     resolved = path.resolve()
-    key = hashlib.sha1(f"{resolved}|{source_bytes(path)}|{resolved.stat().st_mtime_ns}".encode()).hexdigest()[:10]
+    key = hashlib.sha1(f"{resolved}|{source_bytes(path)}|{resolved.stat().st_mtime_ns}|{VERSION}".encode()).hexdigest()[:10]
     root = Path(os.environ.get("LLMCAD_STORES") or llmcad_home() / "stores")
     return root / f"{path.stem}-{precision}-{key}"
 
@@ -401,12 +401,13 @@ def _split_layer_name(name: str, source: Path, num_layers: int) -> tuple[int, st
 
 def _write_matrix(ckpt: Checkpoint, name: str, path: Path, precision: str) -> dict:
     """An embedding-shaped matrix converted a slice of rows at a time: `weight`, then for
-    int8 the per-row `scale`; a gguf head as its GGUF blocks (under its type's name) where
-    the kernels compute them."""
+    int8 the per-row `scale`; a gguf head as its GGUF blocks (under its type's name, packed
+    for the kernels) where the kernels compute them."""
     rows, cols = ckpt.config.vocab_size, ckpt.config.hidden_size
     blocks = ckpt.blocks(name) if precision == "gguf" and name == "lm_head.weight" else None
     if blocks is not None:
-        return write_safetensors(path, [(blocks.qtype, torch.uint8, tuple(blocks.data.shape))], [blocks.data])
+        packed = linear_tensors(blocks, None, precision)[blocks.qtype]
+        return write_safetensors(path, [(blocks.qtype, torch.uint8, tuple(packed.shape))], [packed])
     scales: list[torch.Tensor] = []
 
     def chunks() -> Iterator[torch.Tensor]:

@@ -30,7 +30,6 @@ from llmcad.quant import (
     Int8Embedding,
     Int8Linear,
     QuantBlocks,
-    QuantLinear,
     convert_submodule,
     linear_from,
     linear_tensors,
@@ -228,7 +227,7 @@ def load_model(
             model.lm_head = tied_head(model.embed_tokens)  # one copy of the shared matrix
         else:
             blocks = ckpt.blocks(head_name, head_ids) if precision == "gguf" else None
-            head = QuantLinear(blocks.qtype, blocks.data) if blocks else _vocab_matrix(ckpt, head_name, precision, as_head=True, ids=head_ids)
+            head = linear_from(linear_tensors(blocks, None, precision)) if blocks else _vocab_matrix(ckpt, head_name, precision, as_head=True, ids=head_ids)
             model.lm_head = head if head_ids is None else VocabularySubsetHead(head, torch.tensor(head_ids), config.vocab_size)
         if logits_width is not None and logits_width != config.vocab_size:
             model.lm_head = WidthHead(model.lm_head, logits_width)

@@ -331,7 +331,7 @@ def test_fused_blocks_split_by_rows_in_precision_gguf(tmp_path):
     for name in split:
         part = blocks[name]
         assert part.qtype == "q8_0", name
-        torch.testing.assert_close(kernels.dequantize(part.data, part.qtype, part.cols), floats[name], atol=0, rtol=0)
+        torch.testing.assert_close(kernels.dequantize(kernels.pack(part.data, part.qtype, part.cols), part.qtype, part.cols), floats[name], atol=0, rtol=0)
     resident = load_model(ckpt, "gguf")
     store = LayerStore.open(convert(ckpt, tmp_path / "store", "gguf"))
     streamed = StreamedTransformer(store, plan_for(store, (1,), False))

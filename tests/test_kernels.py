@@ -1,7 +1,7 @@
-"""The native kernels (llmcad.kernels) on every dispatch path this CPU runs: dequantization
-equals the gguf package's reference, products equal the dequantized fp32 product within the
-activations' int8 rounding, every path agrees with the portable one within PATH_TOLERANCE,
-and each output row is bit-identical whatever the rows in the call and the thread count."""
+"""The native kernels (llmcad.kernels) on every dispatch path this CPU runs: packed matrices
+dequantize to the gguf package's reference, products equal the dequantized fp32 product within
+the activations' int8 rounding, every path gives the portable path's bits, and each output row
+is bit-identical whatever the rows in the call and the thread count."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from llmcad import kernels
 
 pytestmark = pytest.mark.skipif(not kernels.available(), reason=kernels.unavailable_reason())
 PATHS = kernels.supported_paths() or ("portable",)
-SHAPES = [(48, 512), (18, 512), (40, 896), (160, 1536)]  # out x in; 896 = 3.5 super-blocks (the draft's width)
+SHAPES = [(48, 512), (18, 512), (40, 896), (160, 1536)]  # out x in: 18 and 40 end in a narrower tile; 896 = 3.5 super-blocks
 
 
 def random_blocks(qtype: str, rows: int, cols: int, seed: int = 0) -> torch.Tensor:
@@ -46,23 +46,25 @@ def cases():
 
 
 @pytest.mark.parametrize("qtype, rows, cols", cases())
-def test_dequantize_equals_the_gguf_reference(qtype, rows, cols):
+def test_packed_matrix_dequantizes_to_the_gguf_reference(qtype, rows, cols):
     blocks = random_blocks(qtype, rows, cols)
-    assert torch.equal(kernels.dequantize(blocks, qtype, cols), reference_weights(blocks, qtype, cols))
+    packed = kernels.pack(blocks, qtype, cols)
+    assert packed.shape == (rows, kernels.packed_row_bytes(qtype, cols))
+    assert torch.equal(kernels.dequantize(packed, qtype, cols), reference_weights(blocks, qtype, cols))
 
 
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("qtype, rows, cols", cases())
 def test_matmul_is_the_dequantized_product(path, qtype, rows, cols):
     """Within the int8 rounding of the activations (per row, one scale per 256 values), and
-    within PATH_TOLERANCE of the portable path."""
+    with the portable path's very bits (exact integer sums, the same float operations)."""
     blocks = random_blocks(qtype, rows, cols)
+    packed = kernels.pack(blocks, qtype, cols)
     x = torch.randn(33, cols, generator=torch.Generator().manual_seed(1))
     exact = x @ reference_weights(blocks, qtype, cols).t()
-    y = kernels.matmul(x, blocks, qtype, path)
+    y = kernels.matmul(x, packed, qtype, path)
     assert ((y - exact).norm() / exact.norm()).item() < 0.012
-    portable = kernels.matmul(x, blocks, qtype, "portable")
-    assert ((y - portable).abs().max() / portable.abs().max()).item() < kernels.PATH_TOLERANCE
+    assert torch.equal(y, kernels.matmul(x, packed, qtype, "portable"))
 
 
 @pytest.mark.parametrize("path", PATHS)
@@ -73,27 +75,33 @@ def test_rows_are_bit_identical_at_any_batch_and_thread_count(path, qtype):
     a column's value does not depend on where it falls among the columns a thread takes."""
     cols = 1536 if kernels.fits(qtype, 1536) else 896
     blocks = random_blocks(qtype, 96, cols, seed=2)
+    packed = kernels.pack(blocks, qtype, cols)
     x = torch.randn(128, cols, generator=torch.Generator().manual_seed(3))
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(2)
-        full = kernels.matmul(x, blocks, qtype, path)
+        full = kernels.matmul(x, packed, qtype, path)
         for count in (1, 2, 3, 7, 16, 63, 64, 65, 100):
-            assert torch.equal(kernels.matmul(x[:count], blocks, qtype, path), full[:count]), count
+            assert torch.equal(kernels.matmul(x[:count], packed, qtype, path), full[:count]), count
         torch.set_num_threads(1)
-        assert torch.equal(kernels.matmul(x, blocks, qtype, path), full)
-        assert torch.equal(kernels.matmul(x[77:78], blocks, qtype, path), full[77:78])
-        for first in (1, 3):  # every column shifted within the groups of columns decoded together
-            assert torch.equal(kernels.matmul(x, blocks[first:], qtype, path), full[:, first:])
+        assert torch.equal(kernels.matmul(x, packed, qtype, path), full)
+        assert torch.equal(kernels.matmul(x[77:78], packed, qtype, path), full[77:78])
+        for first in (1, 3):  # every column shifted to another lane of its tile
+            assert torch.equal(kernels.matmul(x, kernels.pack(blocks[first:], qtype, cols), qtype, path), full[:, first:])
     finally:
         torch.set_num_threads(threads)
 
 
-def test_matmul_refuses_blocks_that_do_not_hold_the_columns():
+def test_pack_and_matmul_refuse_blocks_that_do_not_hold_the_columns():
     blocks = random_blocks("q4_k", 16, 512)
-    assert kernels.matmul(torch.randn(0, 512), blocks, "q4_k").shape == (0, 16)  # no rows: nothing to do
+    packed = kernels.pack(blocks, "q4_k", 512)
+    assert kernels.matmul(torch.randn(0, 512), packed, "q4_k").shape == (0, 16)  # no rows: nothing to do
     with pytest.raises(ValueError, match="do not hold"):
-        kernels.matmul(torch.randn(2, 768), blocks, "q4_k")
+        kernels.matmul(torch.randn(2, 768), packed, "q4_k")
+    with pytest.raises(ValueError, match="do not hold"):
+        kernels.matmul(torch.randn(2, 512), blocks, "q4_k")  # GGUF's own layout, not packed
+    with pytest.raises(ValueError, match="do not hold"):
+        kernels.pack(blocks, "q4_k", 768)
 
 
 def test_forced_path_must_be_supported(monkeypatch):
@@ -108,7 +116,7 @@ def test_own_thread_pool_gives_the_same_bits_as_pytorchs_threads():
     """Where no OpenMP runtime is found the library splits columns over a pool of its own;
     a column is computed the same way on any thread, so the bits do not change."""
     lib = kernels._library()[0]
-    blocks = random_blocks("q4_k", 160, 1536)
+    blocks = kernels.pack(random_blocks("q4_k", 160, 1536), "q4_k", 1536)
     x = torch.randn(20, 1536, generator=torch.Generator().manual_seed(4))
     on_openmp = kernels.matmul(x, blocks, "q4_k")
     lib.llmcad_use_openmp(None, None, None)

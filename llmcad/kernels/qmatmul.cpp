@@ -1,25 +1,37 @@
-// y = x W^T for W in GGUF's own quantized blocks (Q4_K, Q6_K, Q8_0, Q5_0), on the CPU.
+// y = x W^T for W in GGUF's quantized formats (Q4_K, Q6_K, Q8_0, Q5_0), on the CPU.
 //
-// Each activation row is quantized on its own to int8 with one float scale per 256 values
-// (the last group may be shorter) and int16 sums of every 16 quantized values, as llama.cpp's
-// Q8_K does; the sums apply the weight's offsets (Q4_K mins, Q6_K's -32) with one multiply
-// per group of 16 instead of one per weight.
+// Layout. A matrix is repacked once, when a model is converted or loaded (llmcad_pack), from
+// GGUF's blocks (one column's 32 or 256 weights) into tiles: a tile holds one block of each of
+// 16 consecutive columns, field by field, so that one 64-byte register holds 4 consecutive
+// codes of each of the 16 columns. One dot-product instruction (vpdpbusd: four unsigned x
+// signed byte products summed into each int32 lane) multiplies them with 4 activations
+// broadcast to every lane; the 16 lanes are the 16 columns' sums, so no horizontal sums are
+// needed, and a sub-block's scale costs one integer multiply per 32 weights (16 for Q6_K) and
+// column. A decoded tile serves up to 8 activation rows before the next is decoded. Codes are
+// unsigned (Q8_0 stores q + 128); the offsets (Q4_K's mins, Q6_K's -32, Q8_0's -128, Q5_0's
+// -16) apply through sums of the activations. Bytes per weight are GGUF's, except Q4_K: 148
+// bytes per 256 weights instead of 144 (its 6-bit scales and mins unpacked to bytes).
 //
-// Batch invariance: for every output (row m, column n) the kernel performs the same sequence
-// of operations whatever the number of rows in the call and whichever thread computes it.
-// A weight super-block is decoded once into registers and then multiplied with each row in
-// turn (AVX-512 K-quants: four columns' super-blocks, so a row's activations are loaded once
-// for four columns), every (row, column) by the same code with its own accumulator; threads
-// split the columns, never the reduction. So a token verified in a tree of 64 rows gets the
-// bits it would get alone, on a given dispatch path (paths differ only in float summation
-// order).
+// Activations: each row is quantized on its own to int8 with one float scale per 256 values
+// (the last group may be shorter), as llama.cpp's Q8_K, plus int16 sums of every 16 and
+// every 32 quantized values.
 //
-// Paths: portable C (the reference, any CPU), AVX2 (+FMA, F16C) and AVX-512 (F, BW, VL,
-// VNNI); each SIMD path is compiled with function target attributes and chosen at run time
-// from cpuid, so one build runs everywhere. Threads: PyTorch's OpenMP runtime when the caller
-// hands over its entry points (llmcad_use_openmp), else a pool of our own. Interface: the
+// Arithmetic: every sum of integer products is exact, in int32; per block (K-quants) or per
+// 256 values (32-blocks) the result meets the float scales in a fixed sequence of float
+// multiplies and fused multiply-adds. Each output (row, column) therefore gets the same bits
+// whatever the rows beside it in the call, the thread computing it and the dispatch path:
+// verifying a token tree reproduces one-token decoding exactly, and an AVX2 machine computes
+// what an AVX-512 one does.
+//
+// Paths: portable C++ (16 lanes as arrays: the reference, any CPU), AVX2 (+FMA, F16C), AVX2
+// with AVX-VNNI, and AVX-512 (F, BW, VL, VNNI). The SIMD paths are compiled with function
+// target attributes and chosen at run time from cpuid, so one build runs everywhere. All
+// paths run the same kernel templates over a small set of lane operations (the `Lanes`
+// structs). Threads split the column tiles: PyTorch's OpenMP runtime when the caller hands
+// over its entry points (llmcad_use_openmp), else a pool of our own. Interface: the
 // extern "C" functions at the end.
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <chrono>
 #include <cmath>
@@ -39,22 +51,52 @@
 namespace {
 
 enum QType { Q4_K = 0, Q6_K = 1, Q8_0 = 2, Q5_0 = 3 };
-enum Path { PORTABLE = 0, AVX2 = 1, AVX512 = 2 };
+enum Path { PORTABLE = 0, AVX2 = 1, AVXVNNI = 2, AVX512 = 3 };
 
-constexpr int SUPER = 256;     // activation scale group
-constexpr int ROW_TILE = 64;   // rows whose activations stay in cache while a column is done
-constexpr int PREFETCH = 16384; // bytes of weights requested ahead of the one being decoded (2048: 7.8 tok/s, 16384: 9.2, 1.5B decode)
+constexpr int TILE = 16;        // columns interleaved in a tile
+constexpr int SUPER = 256;      // activation scale group
+constexpr int PREFETCH = 16384; // bytes of weights requested ahead of the tile being decoded
 
-struct Format { int block; int bytes; };
-constexpr Format FORMATS[] = {{256, 144}, {256, 210}, {32, 34}, {32, 22}};
+// A tile's fields, in order; each is `count` elements of `size` bytes per column, stored
+// element-major: element i of column c of a tile `width` columns wide is at
+// offset(field) * width + (i * width + c) * size.
+struct Field { int count, size; };
+struct Format {
+  int block;        // weights per block
+  int gguf_bytes;   // bytes of one GGUF block
+  int fields;
+  Field field[5];
+};
+// Q4_K: d, dmin (fp16), 8 scales, 4 pairs of mins, 32 x 4 bytes of codes: byte b of element i
+//       holds code 8i+b (low nibble) and 8i+4+b (high nibble).
+// Q6_K: d, 8 pairs of int8 scales (one per 16 weights), 32 x 4 bytes of low nibbles as Q4_K's,
+//       16 x 4 bytes of high bits: bits 2t, 2t+1 of byte b of element i are those of code 16i+4t+b.
+// Q8_0: d, 8 x 4 bytes of codes q + 128 (code 4i+b in byte b of element i).
+// Q5_0: d, 4 bytes of fifth bits (bit 2i+h of byte b: code 8i+4h+b), 4 x 4 bytes of nibbles as Q4_K's.
+enum { D = 0, DMIN = 1, SC = 2, MN = 3, Q4_QS = 4 };  // Q4_K fields
+enum { Q6_SC = 1, Q6_QS = 2, Q6_QH = 3 };             // Q6_K fields
+enum { Q8_QS = 1 };                                   // Q8_0 fields
+enum { Q5_QH = 1, Q5_QS = 2 };                        // Q5_0 fields
+constexpr Format FORMATS[] = {
+    {256, 144, 5, {{1, 2}, {1, 2}, {8, 1}, {4, 2}, {32, 4}}},
+    {256, 210, 4, {{1, 2}, {8, 2}, {32, 4}, {16, 4}}},
+    {32, 34, 2, {{1, 2}, {8, 4}}},
+    {32, 22, 3, {{1, 2}, {1, 4}, {4, 4}}},
+};
 
-int group_bytes(int qtype) {  // bytes of one row's weights per SUPER columns
-  return FORMATS[qtype].bytes * (SUPER / FORMATS[qtype].block);
+constexpr int field_offset(int qtype, int field) {  // bytes per column before `field`
+  int at = 0;
+  for (int f = 0; f < field; ++f) at += FORMATS[qtype].field[f].count * FORMATS[qtype].field[f].size;
+  return at;
 }
 
-float fp16(const uint8_t* p) {  // IEEE half -> float, exact
-  uint16_t h;
-  std::memcpy(&h, p, 2);
+constexpr int packed_bytes(int qtype) { return field_offset(qtype, FORMATS[qtype].fields); }  // per column and block
+
+uint8_t* element(uint8_t* tile, int qtype, int field, int i, int width, int c) {
+  return tile + field_offset(qtype, field) * width + (i * width + c) * FORMATS[qtype].field[field].size;
+}
+
+float fp16(uint16_t h) {  // IEEE half -> float, exact
   uint32_t sign = (h & 0x8000u) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ffu, bits;
   if (exp == 0x1f) {
     bits = sign | 0x7f800000u | (man << 13);
@@ -72,6 +114,15 @@ float fp16(const uint8_t* p) {  // IEEE half -> float, exact
   return f;
 }
 
+// ---- one column's block, unpacked --------------------------------------------------------
+
+struct Block {
+  uint16_t d = 0, dmin = 0;  // fp16 bits
+  uint8_t sc[16] = {};       // Q4_K: 8 scales; Q6_K: 16 int8 scales (their bytes)
+  uint8_t mn[8] = {};        // Q4_K: 8 mins
+  uint8_t u[256] = {};       // unsigned codes: Q4_K 0..15, Q6_K 0..63, Q8_0 q + 128, Q5_0 0..31
+};
+
 // Q4_K's eight 6-bit scales and mins (12 bytes) -> sc[8], mn[8], four at a time in 32-bit words.
 void q4k_scales(const uint8_t* s, uint8_t* sc, uint8_t* mn) {
   uint32_t a[3], out[4];
@@ -84,16 +135,146 @@ void q4k_scales(const uint8_t* s, uint8_t* sc, uint8_t* mn) {
   std::memcpy(mn, out + 2, 8);
 }
 
-// Quantized activations: rows of `kpad` int8 (zero past k), a scale per SUPER values and
-// the sum of every 16 quantized values.
+void read_gguf(int qtype, const uint8_t* b, Block& o) {
+  std::memcpy(&o.d, b, 2);
+  if (qtype == Q4_K) {
+    std::memcpy(&o.dmin, b + 2, 2);
+    q4k_scales(b + 4, o.sc, o.mn);
+    for (int c = 0; c < 4; ++c)
+      for (int l = 0; l < 32; ++l) {
+        o.u[64 * c + l] = b[16 + 32 * c + l] & 0xf;
+        o.u[64 * c + 32 + l] = b[16 + 32 * c + l] >> 4;
+      }
+  } else if (qtype == Q6_K) {
+    std::memcpy(&o.d, b + 208, 2);
+    std::memcpy(o.sc, b + 192, 16);
+    const uint8_t *ql = b, *qh = b + 128;
+    for (int h = 0; h < 2; ++h)
+      for (int l = 0; l < 32; ++l) {
+        uint8_t* u = o.u + 128 * h;
+        const uint8_t *L = ql + 64 * h, *H = qh + 32 * h;
+        u[l] = (L[l] & 0xf) | ((H[l] & 3) << 4);
+        u[l + 32] = (L[l + 32] & 0xf) | (((H[l] >> 2) & 3) << 4);
+        u[l + 64] = (L[l] >> 4) | (((H[l] >> 4) & 3) << 4);
+        u[l + 96] = (L[l + 32] >> 4) | (((H[l] >> 6) & 3) << 4);
+      }
+  } else if (qtype == Q8_0) {
+    for (int l = 0; l < 32; ++l) o.u[l] = b[2 + l] ^ 0x80;  // int8 q -> q + 128
+  } else {
+    uint32_t qh;
+    std::memcpy(&qh, b + 2, 4);
+    for (int l = 0; l < 16; ++l) {
+      o.u[l] = (b[6 + l] & 0xf) | ((qh >> l) & 1) << 4;
+      o.u[l + 16] = (b[6 + l] >> 4) | ((qh >> (l + 16)) & 1) << 4;
+    }
+  }
+}
+
+// Column c of a tile `width` columns wide <-> its block. The codes' bit layout is the one the
+// kernels decode (see FORMATS).
+void write_tile(int qtype, const Block& o, uint8_t* t, int width, int c) {
+  auto at = [&](int field, int i) { return element(t, qtype, field, i, width, c); };
+  std::memcpy(at(D, 0), &o.d, 2);
+  if (qtype == Q4_K || qtype == Q6_K) {
+    const int qs = qtype == Q4_K ? (int)Q4_QS : (int)Q6_QS;
+    for (int i = 0; i < 32; ++i)
+      for (int b = 0; b < 4; ++b) at(qs, i)[b] = (o.u[8 * i + b] & 0xf) | (o.u[8 * i + 4 + b] & 0xf) << 4;
+  }
+  if (qtype == Q4_K) {
+    std::memcpy(at(DMIN, 0), &o.dmin, 2);
+    for (int s = 0; s < 8; ++s) *at(SC, s) = o.sc[s];
+    for (int j = 0; j < 4; ++j) std::memcpy(at(MN, j), o.mn + 2 * j, 2);
+  } else if (qtype == Q6_K) {
+    for (int j = 0; j < 8; ++j) std::memcpy(at(Q6_SC, j), o.sc + 2 * j, 2);
+    for (int i = 0; i < 16; ++i)
+      for (int b = 0; b < 4; ++b) {
+        uint8_t bits = 0;
+        for (int s = 0; s < 4; ++s) bits |= (o.u[16 * i + 4 * s + b] >> 4) << (2 * s);
+        at(Q6_QH, i)[b] = bits;
+      }
+  } else if (qtype == Q8_0) {
+    for (int i = 0; i < 8; ++i) std::memcpy(at(Q8_QS, i), o.u + 4 * i, 4);
+  } else {
+    for (int b = 0; b < 4; ++b) {
+      uint8_t bits = 0;
+      for (int i = 0; i < 4; ++i) {
+        at(Q5_QS, i)[b] = (o.u[8 * i + b] & 0xf) | (o.u[8 * i + 4 + b] & 0xf) << 4;
+        for (int h = 0; h < 2; ++h) bits |= (o.u[8 * i + 4 * h + b] >> 4) << (2 * i + h);
+      }
+      at(Q5_QH, 0)[b] = bits;
+    }
+  }
+}
+
+void read_tile(int qtype, const uint8_t* tile, int width, int c, Block& o) {
+  uint8_t* t = const_cast<uint8_t*>(tile);  // only read
+  auto at = [&](int field, int i) { return (const uint8_t*)element(t, qtype, field, i, width, c); };
+  std::memcpy(&o.d, at(D, 0), 2);
+  if (qtype == Q4_K || qtype == Q6_K) {
+    const int qs = qtype == Q4_K ? (int)Q4_QS : (int)Q6_QS;
+    for (int i = 0; i < 32; ++i)
+      for (int b = 0; b < 4; ++b) {
+        o.u[8 * i + b] = at(qs, i)[b] & 0xf;
+        o.u[8 * i + 4 + b] = at(qs, i)[b] >> 4;
+      }
+  }
+  if (qtype == Q4_K) {
+    std::memcpy(&o.dmin, at(DMIN, 0), 2);
+    for (int s = 0; s < 8; ++s) o.sc[s] = *at(SC, s);
+    for (int j = 0; j < 4; ++j) std::memcpy(o.mn + 2 * j, at(MN, j), 2);
+  } else if (qtype == Q6_K) {
+    for (int j = 0; j < 8; ++j) std::memcpy(o.sc + 2 * j, at(Q6_SC, j), 2);
+    for (int i = 0; i < 16; ++i)
+      for (int b = 0; b < 4; ++b)
+        for (int s = 0; s < 4; ++s) o.u[16 * i + 4 * s + b] |= ((at(Q6_QH, i)[b] >> (2 * s)) & 3) << 4;
+  } else if (qtype == Q8_0) {
+    for (int i = 0; i < 8; ++i) std::memcpy(o.u + 4 * i, at(Q8_QS, i), 4);
+  } else {
+    for (int i = 0; i < 4; ++i)
+      for (int h = 0; h < 2; ++h)
+        for (int b = 0; b < 4; ++b)
+          o.u[8 * i + 4 * h + b] = (at(Q5_QS, i)[b] >> (4 * h) & 0xf) | ((at(Q5_QH, 0)[b] >> (2 * i + h)) & 1) << 4;
+  }
+}
+
+// The block's weights as float, with the arithmetic of ggml's reference dequantizers.
+void dequantize_block(int qtype, const Block& o, float* out) {
+  const float d = fp16(o.d);
+  if (qtype == Q4_K) {
+    const float dmin = fp16(o.dmin);
+    for (int i = 0; i < 256; ++i) out[i] = d * o.sc[i / 32] * o.u[i] - dmin * o.mn[i / 32];
+  } else if (qtype == Q6_K) {
+    for (int i = 0; i < 256; ++i) {
+      const int sc = (int8_t)o.sc[i / 16];
+      out[i] = d * sc * o.u[i] - d * (32 * sc);
+    }
+  } else {
+    const int offset = qtype == Q8_0 ? 128 : 16;
+    for (int i = 0; i < 32; ++i) out[i] = d * (o.u[i] - offset);
+  }
+}
+
+// Bytes of one packed matrix row group: the tiles of `width` columns over k weights.
+int64_t tile_bytes(int qtype, int width) { return (int64_t)packed_bytes(qtype) * width; }
+
+// The tile of block `blk` in column group `g` of a packed [n, k] matrix, and its width.
+const uint8_t* tile_at(int qtype, const uint8_t* w, int64_t n, int64_t k, int64_t g, int64_t blk, int& width) {
+  width = (int)std::min<int64_t>(TILE, n - g * TILE);
+  const int64_t blocks = k / FORMATS[qtype].block;
+  return w + g * TILE * blocks * packed_bytes(qtype) + blk * tile_bytes(qtype, width);
+}
+
+// ---- activations ----------------------------------------------------------------------
+
 struct Activations {
   int64_t m, k, kpad, groups;
   std::vector<int8_t> q;
   std::vector<float> d;
-  std::vector<int16_t> sums;
+  std::vector<int16_t> s16, s32;  // sums of every 16 and 32 quantized values
   const int8_t* qrow(int64_t r) const { return q.data() + r * kpad; }
   const float* drow(int64_t r) const { return d.data() + r * groups; }
-  const int16_t* srow(int64_t r) const { return sums.data() + r * (kpad / 16); }
+  const int16_t* s16row(int64_t r) const { return s16.data() + r * (kpad / 16); }
+  const int16_t* s32row(int64_t r) const { return s32.data() + r * (kpad / 32); }
 };
 
 void quantize_rows(const float* x, int64_t m, int64_t k, Activations& a) {
@@ -103,7 +284,8 @@ void quantize_rows(const float* x, int64_t m, int64_t k, Activations& a) {
   a.kpad = a.groups * SUPER;
   a.q.assign(m * a.kpad, 0);
   a.d.assign(m * a.groups, 0.f);
-  a.sums.assign(m * (a.kpad / 16), 0);
+  a.s16.assign(m * (a.kpad / 16), 0);
+  a.s32.assign(m * (a.kpad / 32), 0);
   for (int64_t r = 0; r < m; ++r) {
     const float* xr = x + r * k;
     int8_t* q = a.q.data() + r * a.kpad;
@@ -115,453 +297,246 @@ void quantize_rows(const float* x, int64_t m, int64_t k, Activations& a) {
       for (int64_t i = lo; i < hi; ++i) q[i] = (int8_t)std::max(-127.f, std::min(127.f, std::nearbyint(xr[i] * id)));
       a.d[r * a.groups + g] = d;
     }
-    int16_t* s = a.sums.data() + r * (a.kpad / 16);
+    int16_t *s16 = a.s16.data() + r * (a.kpad / 16), *s32 = a.s32.data() + r * (a.kpad / 32);
     for (int64_t i = 0; i < a.kpad / 16; ++i) {
       int sum = 0;
       for (int j = 0; j < 16; ++j) sum += q[16 * i + j];
-      s[i] = (int16_t)sum;
+      s16[i] = (int16_t)sum;
+      s32[i / 2] += (int16_t)sum;
     }
   }
 }
 
-// Work for one thread: columns [n0, n1) of all rows.
+// Work for one thread: column groups [g0, g1) of all rows.
 struct Job {
   int qtype;
-  const uint8_t* w;
-  int64_t row_bytes;
+  const uint8_t* w;  // packed [n, k]
+  int64_t n;
   const Activations* a;
   float* y;  // [m, n]
-  int64_t n;
 };
 
-// ---- portable C ------------------------------------------------------------------------
 
-// A super-block (or, for 32-blocks, a group of up to 8 blocks) decoded to integers.
-struct Decoded {
-  int8_t q[SUPER];   // codes as the dot product sees them (signed for Q8_0/Q5_0)
-  int16_t scale[16]; // K-quants: integer scale per 16 weights
-  int16_t off[16];   // K-quants: integer offset per 16 weights (times B)
-  float a, b;        // K-quants: y += dx * (a * sum(scale*q*x) - b * sum(off*xsum))
-  float d[8];        // 32-blocks: float scale per block
-  int blocks;        // 32-blocks in this group
+// ---- portable lanes: 16 lanes as arrays (the reference; any CPU) ---------------------------
+
+struct PortableLanes {
+  static constexpr int ROWS = 8;
+  using Bytes = std::array<uint8_t, 64>;
+  using Ints = std::array<int32_t, TILE>;
+  using Floats = std::array<float, TILE>;
+  template <class F>
+  static Ints each(F f) { Ints o; for (int l = 0; l < TILE; ++l) o[l] = f(l); return o; }
+  template <class F>
+  static Floats feach(F f) { Floats o; for (int l = 0; l < TILE; ++l) o[l] = f(l); return o; }
+  template <class F>
+  static Bytes beach(F f) { Bytes o; for (int i = 0; i < 64; ++i) o[i] = f(i); return o; }
+
+  static Bytes load(const uint8_t* p) { Bytes o; std::memcpy(o.data(), p, 64); return o; }
+  static Bytes shr_and(const Bytes& v, int s, uint8_t m) { return beach([&](int i) { return (uint8_t)((v[i] >> s) & m); }); }
+  static Bytes shl_and(const Bytes& v, int s, uint8_t m) { return beach([&](int i) { return (uint8_t)((v[i] << s) & m); }); }
+  static Bytes or_(const Bytes& a, const Bytes& b) { return beach([&](int i) { return (uint8_t)(a[i] | b[i]); }); }
+  static Ints dot(const Ints& acc, const Bytes& w, const int8_t* x) {
+    return each([&](int l) { int32_t s = acc[l]; for (int b = 0; b < 4; ++b) s += w[4 * l + b] * x[b]; return s; });
+  }
+  static Ints wide_dot(const Ints& acc, const Bytes& w, const int8_t* x) { return dot(acc, w, x); }
+  static Ints pair_dot(const Ints& acc, const Ints& v, const int16_t* p) {
+    return each([&](int l) { return acc[l] + (int16_t)(v[l] & 0xffff) * p[0] + (v[l] >> 16) * p[1]; });
+  }
+  static Ints u8(const uint8_t* p) { return each([&](int l) { return (int32_t)p[l]; }); }
+  static Ints u8_pairs(const uint8_t* p) { return each([&](int l) { return (int32_t)(p[2 * l] | p[2 * l + 1] << 16); }); }
+  static Ints i8_pairs(const uint8_t* p) {
+    return each([&](int l) { return (int32_t)(((uint32_t)(uint16_t)(int8_t)p[2 * l]) | ((uint32_t)(int8_t)p[2 * l + 1] << 16)); });
+  }
+  static Ints low16(const Ints& v) { return each([&](int l) { return (int32_t)(int16_t)(v[l] & 0xffff); }); }
+  static Ints high16(const Ints& v) { return each([&](int l) { return v[l] >> 16; }); }
+  static Ints add(const Ints& a, const Ints& b) { return each([&](int l) { return a[l] + b[l]; }); }
+  static Ints sub(const Ints& a, const Ints& b) { return each([&](int l) { return a[l] - b[l]; }); }
+  static Ints mul(const Ints& a, const Ints& b) { return each([&](int l) { return a[l] * b[l]; }); }
+  static Ints shl(const Ints& v, int s) { return each([&](int l) { return (int32_t)((uint32_t)v[l] << s); }); }
+  static Ints set(int32_t v) { return each([&](int) { return v; }); }
+  static Floats halves(const uint8_t* p) {
+    return feach([&](int l) { uint16_t h; std::memcpy(&h, p + 2 * l, 2); return fp16(h); });
+  }
+  static Floats cvt(const Ints& v) { return feach([&](int l) { return (float)v[l]; }); }
+  static Floats fmul(const Floats& a, const Floats& b) { return feach([&](int l) { return a[l] * b[l]; }); }
+  static Floats fmadd(const Floats& a, const Floats& b, const Floats& c) { return feach([&](int l) { return std::fma(a[l], b[l], c[l]); }); }
+  static Floats fnmadd(const Floats& a, const Floats& b, const Floats& c) { return feach([&](int l) { return std::fma(-a[l], b[l], c[l]); }); }
+  static Floats fset(float v) { return feach([&](int) { return v; }); }
+  static Floats fzero() { return fset(0.f); }
+  static void store(float* p, const Floats& v) { std::memcpy(p, v.data(), sizeof(v)); }
+  static void prefetch(const uint8_t*, int) {}
 };
 
-void decode_portable(int qtype, const uint8_t* row, int64_t k, int64_t g, Decoded& o) {
-  if (qtype == Q4_K) {
-    const uint8_t* b = row + g * 144;
-    uint8_t sc[8], mn[8];
-    q4k_scales(b + 4, sc, mn);
-    for (int c = 0; c < 4; ++c)
-      for (int l = 0; l < 32; ++l) {
-        o.q[64 * c + l] = b[16 + 32 * c + l] & 0xf;
-        o.q[64 * c + 32 + l] = b[16 + 32 * c + l] >> 4;
-      }
-    for (int i = 0; i < 16; ++i) { o.scale[i] = sc[i / 2]; o.off[i] = mn[i / 2]; }
-    o.a = fp16(b);
-    o.b = fp16(b + 2);
-  } else if (qtype == Q6_K) {
-    const uint8_t* b = row + g * 210;
-    const uint8_t *ql = b, *qh = b + 128;
-    for (int h = 0; h < 2; ++h)
-      for (int l = 0; l < 32; ++l) {
-        int8_t* q = o.q + 128 * h;
-        const uint8_t *L = ql + 64 * h, *H = qh + 32 * h;
-        q[l] = (L[l] & 0xf) | ((H[l] & 3) << 4);
-        q[l + 32] = (L[l + 32] & 0xf) | (((H[l] >> 2) & 3) << 4);
-        q[l + 64] = (L[l] >> 4) | (((H[l] >> 4) & 3) << 4);
-        q[l + 96] = (L[l + 32] >> 4) | (((H[l] >> 6) & 3) << 4);
-      }
-    for (int i = 0; i < 16; ++i) { o.scale[i] = (int8_t)b[192 + i]; o.off[i] = 32 * o.scale[i]; }
-    o.a = o.b = fp16(b + 208);
-  } else {
-    int64_t first = g * 8;
-    o.blocks = (int)std::min<int64_t>(8, k / 32 - first);
-    for (int j = 0; j < o.blocks; ++j) {
-      int8_t* q = o.q + 32 * j;
-      if (qtype == Q8_0) {
-        const uint8_t* b = row + (first + j) * 34;
-        o.d[j] = fp16(b);
-        std::memcpy(q, b + 2, 32);
-      } else {
-        const uint8_t* b = row + (first + j) * 22;
-        uint32_t qh;
-        std::memcpy(&qh, b + 2, 4);
-        o.d[j] = fp16(b);
-        for (int l = 0; l < 16; ++l) {
-          q[l] = (int8_t)(((b[6 + l] & 0xf) | (((qh >> l) & 1) << 4)) - 16);
-          q[l + 16] = (int8_t)(((b[6 + l] >> 4) | (((qh >> (l + 16)) & 1) << 4)) - 16);
-        }
-      }
-    }
-  }
-}
-
-void columns_portable(const Job& job, int64_t n0, int64_t n1) {
-  const Activations& a = *job.a;
-  const bool kquant = job.qtype == Q4_K || job.qtype == Q6_K;
-  Decoded dec;
-  std::vector<float> acc(ROW_TILE), acco(ROW_TILE);
-  for (int64_t m0 = 0; m0 < a.m; m0 += ROW_TILE) {
-    int64_t m1 = std::min(a.m, m0 + ROW_TILE);
-    for (int64_t n = n0; n < n1; ++n) {
-      const uint8_t* row = job.w + n * job.row_bytes;
-      std::fill(acc.begin(), acc.end(), 0.f);
-      std::fill(acco.begin(), acco.end(), 0.f);
-      for (int64_t g = 0; g < a.groups; ++g) {
-        decode_portable(job.qtype, row, a.k, g, dec);
-        for (int64_t r = m0; r < m1; ++r) {
-          const int8_t* x = a.qrow(r) + g * SUPER;
-          float dx = a.drow(r)[g];
-          if (kquant) {
-            const int16_t* xs = a.srow(r) + g * 16;
-            int32_t sumi = 0, offs = 0;
-            for (int i = 0; i < 16; ++i) {
-              int32_t dot = 0;
-              for (int l = 0; l < 16; ++l) dot += dec.q[16 * i + l] * x[16 * i + l];
-              sumi += dec.scale[i] * dot;
-              offs += dec.off[i] * xs[i];
-            }
-            acc[r - m0] += (float)sumi * (dec.a * dx);
-            acco[r - m0] += (float)offs * (dec.b * dx);
-          } else {
-            for (int j = 0; j < dec.blocks; ++j) {
-              int32_t dot = 0;
-              for (int l = 0; l < 32; ++l) dot += dec.q[32 * j + l] * x[32 * j + l];
-              acc[r - m0] += (float)dot * (dec.d[j] * dx);
-            }
-          }
-        }
-      }
-      for (int64_t r = m0; r < m1; ++r) job.y[r * job.n + n] = acc[r - m0] - acco[r - m0];
-    }
-  }
-}
+namespace portable {
+#include "tiles.h"
+void columns_portable(const Job& job, int64_t g0, int64_t g1) { columns<PortableLanes>(job, g0, g1); }
+}  // namespace portable
 
 #ifdef LLMCAD_X86
-// ---- AVX2 --------------------------------------------------------------------------------
-#define AVX2_FNS __attribute__((target("avx2,fma,f16c")))
+// Each SIMD path: its lane operations and the kernels of tiles.h, compiled for its instruction
+// set (the standard headers are all included above, outside these regions).
+struct Two { __m256i lo, hi; };  // AVX2's 16 lanes
+struct TwoF { __m256 lo, hi; };
 
-AVX2_FNS inline float half(const uint8_t* p) {  // fp16 -> float by F16C: exact, as fp16()
-  uint16_t h;
-  std::memcpy(&h, p, 2);
-  return _cvtsh_ss(h);
-}
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c")
+namespace avx2 {
+// ---- AVX2 lanes (16 lanes as two registers of 8), with or without AVX-VNNI ----------------
 
-AVX2_FNS inline float hsum8(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
 
-// 32 bytes whose byte i is 0x10 where bit i of `bits` is set (Q5_0's fifth bit).
-AVX2_FNS inline __m256i fifth_bits(uint32_t bits) {
-  const __m256i spread = _mm256_setr_epi64x(0, 0x0101010101010101LL, 0x0202020202020202LL, 0x0303030303030303LL);
-  const __m256i select = _mm256_set1_epi64x(0x8040201008040201LL);
-  __m256i b = _mm256_and_si256(_mm256_shuffle_epi8(_mm256_set1_epi32((int)bits), spread), select);
-  return _mm256_and_si256(_mm256_cmpeq_epi8(b, select), _mm256_set1_epi8(0x10));
-}
-
-AVX2_FNS void columns_avx2(const Job& job, int64_t n0, int64_t n1) {
-  const Activations& a = *job.a;
-  const int qtype = job.qtype;
-  const bool kquant = qtype == Q4_K || qtype == Q6_K;
-  const int gbytes = group_bytes(qtype);
-  const __m256i m4 = _mm256_set1_epi8(0x0f), m30 = _mm256_set1_epi8(0x30), ones = _mm256_set1_epi16(1);
-  alignas(32) static thread_local float acc[ROW_TILE * 8], acco[ROW_TILE * 8];
-  __m256i W[8];         // the super-block's codes, 32 per register
-  alignas(32) int16_t S[8][16];  // K-quants: the scale of each int16 lane
-  __m256i OFF = _mm256_setzero_si256();
-  float A = 0.f, B = 0.f, D[8] = {0};
-  int blocks = 8;
-  for (int64_t m0 = 0; m0 < a.m; m0 += ROW_TILE) {
-    int64_t m1 = std::min(a.m, m0 + ROW_TILE);
-    for (int64_t n = n0; n < n1; ++n) {
-      const uint8_t* row = job.w + n * job.row_bytes;
-      std::memset(acc, 0, sizeof(float) * 8 * (m1 - m0));
-      std::memset(acco, 0, sizeof(float) * 8 * (m1 - m0));
-      for (int64_t g = 0; g < a.groups; ++g) {
-        const uint8_t* ahead = row + g * gbytes + PREFETCH;  // the weights stream: keep it ahead
-        for (int l = 0; l < gbytes; l += 64) _mm_prefetch((const char*)(ahead + l), _MM_HINT_T0);
-        if (qtype == Q4_K) {
-          const uint8_t* b = row + g * 144;
-          uint8_t sc[8], mn[8];
-          q4k_scales(b + 4, sc, mn);
-          for (int c = 0; c < 4; ++c) {
-            __m256i v = _mm256_loadu_si256((const __m256i*)(b + 16 + 32 * c));
-            W[2 * c] = _mm256_and_si256(v, m4);
-            W[2 * c + 1] = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
-          }
-          alignas(32) int16_t off[16];
-          for (int i = 0; i < 16; ++i) { S[i / 2][i % 2 * 8] = sc[i / 2]; off[i] = mn[i / 2]; }
-          OFF = _mm256_load_si256((const __m256i*)off);
-          A = half(b);
-          B = half(b + 2);
-        } else if (qtype == Q6_K) {
-          const uint8_t* b = row + g * 210;
-          for (int h = 0; h < 2; ++h) {
-            __m256i L0 = _mm256_loadu_si256((const __m256i*)(b + 64 * h));
-            __m256i L1 = _mm256_loadu_si256((const __m256i*)(b + 64 * h + 32));
-            __m256i H = _mm256_loadu_si256((const __m256i*)(b + 128 + 32 * h));
-            W[4 * h] = _mm256_or_si256(_mm256_and_si256(L0, m4), _mm256_and_si256(_mm256_slli_epi16(H, 4), m30));
-            W[4 * h + 1] = _mm256_or_si256(_mm256_and_si256(L1, m4), _mm256_and_si256(_mm256_slli_epi16(H, 2), m30));
-            W[4 * h + 2] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(L0, 4), m4), _mm256_and_si256(H, m30));
-            W[4 * h + 3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(L1, 4), m4), _mm256_and_si256(_mm256_srli_epi16(H, 2), m30));
-          }
-          alignas(32) int16_t sc[16];
-          for (int i = 0; i < 16; ++i) { sc[i] = (int8_t)b[192 + i]; S[i / 2][i % 2 * 8] = sc[i]; }
-          OFF = _mm256_slli_epi16(_mm256_load_si256((const __m256i*)sc), 5);
-          A = B = half(b + 208);
-        } else {
-          int64_t first = g * 8;
-          blocks = (int)std::min<int64_t>(8, a.k / 32 - first);
-          for (int j = 0; j < blocks; ++j) {
-            if (qtype == Q8_0) {
-              const uint8_t* b = row + (first + j) * 34;
-              D[j] = half(b);
-              W[j] = _mm256_loadu_si256((const __m256i*)(b + 2));
-            } else {
-              const uint8_t* b = row + (first + j) * 22;
-              uint32_t qh;
-              std::memcpy(&qh, b + 2, 4);
-              D[j] = half(b);
-              __m128i qs = _mm_loadu_si128((const __m128i*)(b + 6));
-              __m256i v = _mm256_set_m128i(_mm_srli_epi16(qs, 4), qs);
-              v = _mm256_or_si256(_mm256_and_si256(v, m4), fifth_bits(qh));
-              W[j] = _mm256_sub_epi8(v, _mm256_set1_epi8(16));
-            }
-          }
-        }
-        if (kquant) {
-          for (int j = 0; j < 8; ++j)  // fill each half of the lane scales
-            for (int l = 1; l < 8; ++l) { S[j][l] = S[j][0]; S[j][8 + l] = S[j][8]; }
-          for (int64_t r = m0; r < m1; ++r) {
-            const int8_t* x = a.qrow(r) + g * SUPER;
-            float dx = a.drow(r)[g];
-            __m256i sumi = _mm256_setzero_si256();
-            for (int j = 0; j < 8; ++j) {
-              __m256i p = _mm256_maddubs_epi16(W[j], _mm256_loadu_si256((const __m256i*)(x + 32 * j)));
-              sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(p, _mm256_load_si256((const __m256i*)S[j])));
-            }
-            __m256i offs = _mm256_madd_epi16(OFF, _mm256_loadu_si256((const __m256i*)(a.srow(r) + g * 16)));
-            float* ar = acc + 8 * (r - m0);
-            float* aor = acco + 8 * (r - m0);
-            _mm256_store_ps(ar, _mm256_fmadd_ps(_mm256_cvtepi32_ps(sumi), _mm256_set1_ps(A * dx), _mm256_load_ps(ar)));
-            _mm256_store_ps(aor, _mm256_fmadd_ps(_mm256_cvtepi32_ps(offs), _mm256_set1_ps(B * dx), _mm256_load_ps(aor)));
-          }
-        } else {
-          for (int64_t r = m0; r < m1; ++r) {
-            const int8_t* x = a.qrow(r) + g * SUPER;
-            float dx = a.drow(r)[g];
-            float* ar = acc + 8 * (r - m0);
-            __m256 v = _mm256_load_ps(ar);
-            for (int j = 0; j < blocks; ++j) {
-              __m256i xv = _mm256_loadu_si256((const __m256i*)(x + 32 * j));
-              __m256i p = _mm256_maddubs_epi16(_mm256_abs_epi8(W[j]), _mm256_sign_epi8(xv, W[j]));
-              v = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(p, ones)), _mm256_set1_ps(D[j] * dx), v);
-            }
-            _mm256_store_ps(ar, v);
-          }
-        }
-      }
-      for (int64_t r = m0; r < m1; ++r)
-        job.y[r * job.n + n] = hsum8(_mm256_load_ps(acc + 8 * (r - m0))) - hsum8(_mm256_load_ps(acco + 8 * (r - m0)));
-    }
+// Lane operations both AVX2 paths share; the dot products differ (Avx2Lanes, AvxVnniLanes).
+struct Avx2Base {
+  static constexpr int ROWS = 4;
+  using Bytes = Two;
+  using Ints = Two;
+  using Floats = TwoF;
+  static Bytes load(const uint8_t* p) { return {_mm256_loadu_si256((const __m256i*)p), _mm256_loadu_si256((const __m256i*)(p + 32))}; }
+  static Bytes shr_and(Bytes v, int s, uint8_t m) {
+    const __m128i n = _mm_cvtsi32_si128(s);
+    const __m256i mask = _mm256_set1_epi8((char)m);
+    return {_mm256_and_si256(_mm256_srl_epi16(v.lo, n), mask), _mm256_and_si256(_mm256_srl_epi16(v.hi, n), mask)};
   }
-}
-
-// ---- AVX-512 (F, BW, VL, VNNI) --------------------------------------------------------------
-#define AVX512_FNS __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")))
-
-// One K-quant super-block of one column decoded: its 256 codes in four registers (64 each, in
-// the activations' order), the int16 scale of every maddubs lane, the offsets per 16 weights.
-struct KBlock {
-  __m512i w[4], s[4];
-  __m256i off;
-  float a, b;  // y += dx * (a * sum(s * w * x) - b * sum(off * xsum))
+  static Bytes shl_and(Bytes v, int s, uint8_t m) {
+    const __m128i n = _mm_cvtsi32_si128(s);
+    const __m256i mask = _mm256_set1_epi8((char)m);
+    return {_mm256_and_si256(_mm256_sll_epi16(v.lo, n), mask), _mm256_and_si256(_mm256_sll_epi16(v.hi, n), mask)};
+  }
+  static Bytes or_(Bytes a, Bytes b) { return {_mm256_or_si256(a.lo, b.lo), _mm256_or_si256(a.hi, b.hi)}; }
+  static Ints u8(const uint8_t* p) {
+    return {_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)p)), _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(p + 8)))};
+  }
+  static Ints u8_pairs(const uint8_t* p) {
+    return {_mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i*)p)), _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i*)(p + 16)))};
+  }
+  static Ints i8_pairs(const uint8_t* p) {
+    return {_mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)p)), _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)(p + 16)))};
+  }
+  static Ints low16(Ints v) { return {_mm256_srai_epi32(_mm256_slli_epi32(v.lo, 16), 16), _mm256_srai_epi32(_mm256_slli_epi32(v.hi, 16), 16)}; }
+  static Ints high16(Ints v) { return {_mm256_srai_epi32(v.lo, 16), _mm256_srai_epi32(v.hi, 16)}; }
+  static Ints add(Ints a, Ints b) { return {_mm256_add_epi32(a.lo, b.lo), _mm256_add_epi32(a.hi, b.hi)}; }
+  static Ints sub(Ints a, Ints b) { return {_mm256_sub_epi32(a.lo, b.lo), _mm256_sub_epi32(a.hi, b.hi)}; }
+  static Ints mul(Ints a, Ints b) { return {_mm256_mullo_epi32(a.lo, b.lo), _mm256_mullo_epi32(a.hi, b.hi)}; }
+  static Ints shl(Ints v, int s) {
+    const __m128i n = _mm_cvtsi32_si128(s);
+    return {_mm256_sll_epi32(v.lo, n), _mm256_sll_epi32(v.hi, n)};
+  }
+  static Ints set(int32_t v) { return {_mm256_set1_epi32(v), _mm256_set1_epi32(v)}; }
+  static Floats halves(const uint8_t* p) {
+    return {_mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)p)), _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(p + 16)))};
+  }
+  static Floats cvt(Ints v) { return {_mm256_cvtepi32_ps(v.lo), _mm256_cvtepi32_ps(v.hi)}; }
+  static Floats fmul(Floats a, Floats b) { return {_mm256_mul_ps(a.lo, b.lo), _mm256_mul_ps(a.hi, b.hi)}; }
+  static Floats fmadd(Floats a, Floats b, Floats c) { return {_mm256_fmadd_ps(a.lo, b.lo, c.lo), _mm256_fmadd_ps(a.hi, b.hi, c.hi)}; }
+  static Floats fnmadd(Floats a, Floats b, Floats c) { return {_mm256_fnmadd_ps(a.lo, b.lo, c.lo), _mm256_fnmadd_ps(a.hi, b.hi, c.hi)}; }
+  static Floats fset(float v) { return {_mm256_set1_ps(v), _mm256_set1_ps(v)}; }
+  static Floats fzero() { return {_mm256_setzero_ps(), _mm256_setzero_ps()}; }
+  static void store(float* p, Floats v) { _mm256_storeu_ps(p, v.lo); _mm256_storeu_ps(p + 8, v.hi); }
+  static void prefetch(const uint8_t* p, int bytes) {
+    for (int l = 0; l < bytes; l += 64) _mm_prefetch((const char*)(p + l), _MM_HINT_T0);
+  }
+  static __m256i broadcast4(const void* p) {
+    int32_t v;
+    std::memcpy(&v, p, 4);
+    return _mm256_set1_epi32(v);
+  }
 };
 
-AVX512_FNS inline void decode_kquant_avx512(int qtype, const uint8_t* b, KBlock& o) {
-  const __m512i m4 = _mm512_set1_epi8(0x0f), m30 = _mm512_set1_epi8(0x30);
-  __m256i lane_scales;  // one int16 scale per 16 weights
-  if (qtype == Q4_K) {
-    const __m512i upper4 = _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_set1_epi16(4), 1);  // shift 0 | 4
-    alignas(32) uint8_t sc[8], mn[8];
-    q4k_scales(b + 4, sc, mn);
-    for (int c = 0; c < 4; ++c) {
-      __m512i v = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i*)(b + 16 + 32 * c)));
-      o.w[c] = _mm512_and_si512(_mm512_srlv_epi16(v, upper4), m4);
-    }
-    const __m256i pairs = _mm256_setr_epi16(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7);
-    lane_scales = _mm256_permutexvar_epi16(pairs, _mm256_castsi128_si256(_mm_cvtepu8_epi16(_mm_loadl_epi64((const __m128i*)sc))));
-    o.off = _mm256_permutexvar_epi16(pairs, _mm256_castsi128_si256(_mm_cvtepu8_epi16(_mm_loadl_epi64((const __m128i*)mn))));
-    o.a = half(b);
-    o.b = half(b + 2);
-  } else {  // Q6_K
-    const __m512i upper2 = _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_set1_epi16(2), 1);  // shift 0 | 2
-    const __m512i shl42 = _mm512_inserti64x4(_mm512_set1_epi16(4), _mm256_set1_epi16(2), 1);     // shift 4 | 2
-    for (int h = 0; h < 2; ++h) {
-      __m512i L = _mm512_loadu_si512((const void*)(b + 64 * h));
-      __m512i H = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i*)(b + 128 + 32 * h)));
-      o.w[2 * h] = _mm512_or_si512(_mm512_and_si512(L, m4), _mm512_and_si512(_mm512_sllv_epi16(H, shl42), m30));
-      o.w[2 * h + 1] = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(L, 4), m4), _mm512_and_si512(_mm512_srlv_epi16(H, upper2), m30));
-    }
-    lane_scales = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)(b + 192)));
-    o.off = _mm256_slli_epi16(lane_scales, 5);
-    o.a = o.b = half(b + 208);
+// AVX2 alone: maddubs (pairs of u8 x s8 into int16) then madd with ones; exact while a pair's
+// sum fits int16, i.e. for codes < 128. Wide codes are split into their low 7 bits and bit 7.
+struct Avx2Lanes : Avx2Base {
+  static __m256i dot8(__m256i acc, __m256i w, __m256i x) {
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(w, x), _mm256_set1_epi16(1)));
   }
-  const __m512i group = _mm512_srli_epi16(_mm512_set_epi16(31, 30, 29, 28, 27, 26, 25, 24, 23, 22, 21, 20, 19, 18, 17, 16,
-                                                           15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0), 3);
-  for (int c = 0; c < 4; ++c)  // lane i of chunk c holds weights 64c + 2i, 2i+1: group 4c + i/8
-    o.s[c] = _mm512_permutexvar_epi16(_mm512_add_epi16(_mm512_set1_epi16(4 * c), group), _mm512_castsi256_si512(lane_scales));
-}
+  static Ints dot(Ints acc, Bytes w, const int8_t* x) {
+    const __m256i xv = broadcast4(x);
+    return {dot8(acc.lo, w.lo, xv), dot8(acc.hi, w.hi, xv)};
+  }
+  static Ints wide_dot(Ints acc, Bytes w, const int8_t* x) {
+    const __m256i xv = broadcast4(x), low7 = _mm256_set1_epi8(0x7f), top = _mm256_set1_epi8((char)0x80);
+    return {dot8(dot8(acc.lo, _mm256_and_si256(w.lo, low7), xv), _mm256_and_si256(w.lo, top), xv),
+            dot8(dot8(acc.hi, _mm256_and_si256(w.hi, low7), xv), _mm256_and_si256(w.hi, top), xv)};
+  }
+  static Ints pair_dot(Ints acc, Ints v, const int16_t* p) {
+    const __m256i pv = broadcast4(p);
+    return {_mm256_add_epi32(acc.lo, _mm256_madd_epi16(v.lo, pv)), _mm256_add_epi32(acc.hi, _mm256_madd_epi16(v.hi, pv))};
+  }
+};
+#include "tiles.h"
+void columns_avx2(const Job& job, int64_t g0, int64_t g1) { columns<Avx2Lanes>(job, g0, g1); }
+}  // namespace avx2
+#pragma GCC pop_options
 
-// Super-blocks of weights decoded at a time, ahead of the rows that use them (8 x 4 columns x 576
-// bytes stay in L1): more weight lines in flight. Against one at a time, measured on one 8960 x
-// 1536 matrix: one row 18-22% faster, 4 rows 5-11%, 16 and 64 rows 3-7% slower. Results do not
-// depend on it (each row's sums run in the same order).
-constexpr int SPAN = 8;
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c,avxvnni")
+namespace avxvnni {
+struct AvxVnniLanes : avx2::Avx2Base {
+  static Ints dot(Ints acc, Bytes w, const int8_t* x) {
+    const __m256i xv = broadcast4(x);
+    return {_mm256_dpbusd_avx_epi32(acc.lo, w.lo, xv), _mm256_dpbusd_avx_epi32(acc.hi, w.hi, xv)};
+  }
+  static Ints wide_dot(Ints acc, Bytes w, const int8_t* x) { return dot(acc, w, x); }
+  static Ints pair_dot(Ints acc, Ints v, const int16_t* p) {
+    const __m256i pv = broadcast4(p);
+    return {_mm256_dpwssd_avx_epi32(acc.lo, v.lo, pv), _mm256_dpwssd_avx_epi32(acc.hi, v.hi, pv)};
+  }
+};
+#include "tiles.h"
+void columns_avxvnni(const Job& job, int64_t g0, int64_t g1) { columns<AvxVnniLanes>(job, g0, g1); }
+}  // namespace avxvnni
+#pragma GCC pop_options
 
-// Columns n..n+NC-1, rows m0..m1, K-quants: SPAN super-blocks of the NC columns are decoded at
-// once, then each row runs over them, its sums in registers, its activations loaded once for
-// the NC columns. Each (row, column) runs the same instructions in the same order whatever NC
-// and the rows beside it, so NC is free to vary with the column count.
-template <int NC>
-AVX512_FNS void kquant_columns_avx512(const Job& job, int64_t n, int64_t m0, int64_t m1) {
-  const Activations& a = *job.a;
-  const int gbytes = group_bytes(job.qtype);
-  alignas(64) static thread_local float acc[ROW_TILE * NC * 16], acco[ROW_TILE * NC * 8];
-  alignas(64) KBlock blk[SPAN * NC];  // 18 KB of stack
-  std::memset(acc, 0, sizeof(float) * 16 * NC * (m1 - m0));
-  std::memset(acco, 0, sizeof(float) * 8 * NC * (m1 - m0));
-  for (int64_t g0 = 0; g0 < a.groups; g0 += SPAN) {
-    const int64_t span = std::min<int64_t>(SPAN, a.groups - g0);
-    for (int64_t g = 0; g < span; ++g)
-      for (int c = 0; c < NC; ++c) {
-        const uint8_t* b = job.w + (n + c) * job.row_bytes + (g0 + g) * gbytes;
-        for (int l = 0; l < gbytes; l += 64) _mm_prefetch((const char*)(b + PREFETCH + l), _MM_HINT_T0);
-        decode_kquant_avx512(job.qtype, b, blk[g * NC + c]);
-      }
-    for (int64_t r = m0; r < m1; ++r) {
-      float* ar = acc + 16 * NC * (r - m0);
-      float* aor = acco + 8 * NC * (r - m0);
-      __m512 sum[NC];
-      __m256 off[NC];
-      for (int c = 0; c < NC; ++c) {
-        sum[c] = _mm512_load_ps(ar + 16 * c);
-        off[c] = _mm256_load_ps(aor + 8 * c);
-      }
-      for (int64_t g = 0; g < span; ++g) {
-        const KBlock* b = blk + g * NC;
-        const int8_t* x = a.qrow(r) + (g0 + g) * SUPER;
-        const float dx = a.drow(r)[g0 + g];
-        __m512i xv[4];
-        for (int k = 0; k < 4; ++k) xv[k] = _mm512_loadu_si512((const void*)(x + 64 * k));
-        const __m256i xsums = _mm256_loadu_si256((const __m256i*)(a.srow(r) + (g0 + g) * 16));
-        for (int c = 0; c < NC; ++c) {
-          __m512i sumi = _mm512_setzero_si512();
-          for (int k = 0; k < 4; ++k) sumi = _mm512_dpwssd_epi32(sumi, _mm512_maddubs_epi16(b[c].w[k], xv[k]), b[c].s[k]);
-          __m256i offs = _mm256_madd_epi16(b[c].off, xsums);
-          sum[c] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sumi), _mm512_set1_ps(b[c].a * dx), sum[c]);
-          off[c] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(offs), _mm256_set1_ps(b[c].b * dx), off[c]);
-        }
-      }
-      for (int c = 0; c < NC; ++c) {
-        _mm512_store_ps(ar + 16 * c, sum[c]);
-        _mm256_store_ps(aor + 8 * c, off[c]);
-      }
-    }
-  }
-  for (int64_t r = m0; r < m1; ++r)
-    for (int c = 0; c < NC; ++c) {
-      float s = _mm512_reduce_add_ps(_mm512_load_ps(acc + 16 * (NC * (r - m0) + c)));
-      job.y[r * job.n + n + c] = s - hsum8(_mm256_load_ps(acco + 8 * (NC * (r - m0) + c)));
-    }
-}
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")
+namespace avx512 {
+// ---- AVX-512 (F, BW, VL, VNNI) lanes --------------------------------------------------------
 
-AVX512_FNS void columns_avx512(const Job& job, int64_t n0, int64_t n1) {
-  const Activations& a = *job.a;
-  const int qtype = job.qtype;
-  if (qtype == Q4_K || qtype == Q6_K) {
-    constexpr int NC = 4;  // columns sharing each row's activation loads
-    for (int64_t m0 = 0; m0 < a.m; m0 += ROW_TILE) {
-      int64_t m1 = std::min(a.m, m0 + ROW_TILE), n = n0;
-      for (; n + NC <= n1; n += NC) kquant_columns_avx512<NC>(job, n, m0, m1);
-      for (; n < n1; ++n) kquant_columns_avx512<1>(job, n, m0, m1);
-    }
-    return;
+struct Avx512Lanes {
+  static constexpr int ROWS = 8;
+  using Bytes = __m512i;
+  using Ints = __m512i;
+  using Floats = __m512;
+  static Bytes load(const uint8_t* p) { return _mm512_loadu_si512((const void*)p); }
+  static Bytes shr_and(Bytes v, int s, uint8_t m) { return _mm512_and_si512(_mm512_srl_epi16(v, _mm_cvtsi32_si128(s)), _mm512_set1_epi8((char)m)); }
+  static Bytes shl_and(Bytes v, int s, uint8_t m) { return _mm512_and_si512(_mm512_sll_epi16(v, _mm_cvtsi32_si128(s)), _mm512_set1_epi8((char)m)); }
+  static Bytes or_(Bytes a, Bytes b) { return _mm512_or_si512(a, b); }
+  static Ints dot(Ints acc, Bytes w, const int8_t* x) {
+    int32_t x4;
+    std::memcpy(&x4, x, 4);
+    return _mm512_dpbusd_epi32(acc, w, _mm512_set1_epi32(x4));
   }
-  // Q8_0, Q5_0: eight 32-blocks (one super-block's width) per group, SPAN groups decoded at once
-  const int gbytes = group_bytes(qtype);
-  alignas(64) static thread_local float acc[ROW_TILE * 16];
-  __m512i AW[SPAN][4];
-  __m512 D[SPAN][4];
-  __mmask64 NEG[SPAN][4];
-  int chunks[SPAN];
-  for (int64_t m0 = 0; m0 < a.m; m0 += ROW_TILE) {
-    int64_t m1 = std::min(a.m, m0 + ROW_TILE);
-    for (int64_t n = n0; n < n1; ++n) {
-      const uint8_t* row = job.w + n * job.row_bytes;
-      std::memset(acc, 0, sizeof(float) * 16 * (m1 - m0));
-      for (int64_t g0 = 0; g0 < a.groups; g0 += SPAN) {
-        const int64_t span = std::min<int64_t>(SPAN, a.groups - g0);
-        for (int64_t s = 0; s < span; ++s) {
-          const int64_t g = g0 + s;
-          const uint8_t* ahead = row + g * gbytes + PREFETCH;  // the weights stream: keep it ahead
-          for (int l = 0; l < gbytes; l += 64) _mm_prefetch((const char*)(ahead + l), _MM_HINT_T0);
-          int64_t first = g * 8;
-          int blocks = (int)std::min<int64_t>(8, a.k / 32 - first);
-          chunks[s] = (blocks + 1) / 2;
-          for (int c = 0; c < chunks[s]; ++c) {
-            __m256i pair[2] = {_mm256_setzero_si256(), _mm256_setzero_si256()};
-            float d[2] = {0.f, 0.f};
-            for (int h = 0; h < 2; ++h) {
-              int j = 2 * c + h;
-              float& dj = d[h];
-              if (j < blocks) {
-                if (qtype == Q8_0) {
-                  const uint8_t* b = row + (first + j) * 34;
-                  dj = half(b);
-                  pair[h] = _mm256_loadu_si256((const __m256i*)(b + 2));
-                } else {
-                  const uint8_t* b = row + (first + j) * 22;
-                  uint32_t qh;
-                  std::memcpy(&qh, b + 2, 4);
-                  dj = half(b);
-                  __m128i qs = _mm_loadu_si128((const __m128i*)(b + 6));
-                  __m256i v = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(qs, 4), qs), _mm256_set1_epi8(0x0f));
-                  v = _mm256_or_si256(v, _mm256_maskz_mov_epi8(qh, _mm256_set1_epi8(0x10)));
-                  pair[h] = _mm256_sub_epi8(v, _mm256_set1_epi8(16));
-                }
-              }
-            }
-            __m512i v = _mm512_inserti64x4(_mm512_castsi256_si512(pair[0]), pair[1], 1);
-            AW[s][c] = _mm512_abs_epi8(v);
-            NEG[s][c] = _mm512_movepi8_mask(v);
-            D[s][c] = _mm512_castpd_ps(_mm512_insertf64x4(_mm512_castps_pd(_mm512_set1_ps(d[0])),  // lanes of block 2c | 2c+1
-                                                          _mm256_castps_pd(_mm256_set1_ps(d[1])), 1));
-          }
-        }
-        for (int64_t r = m0; r < m1; ++r) {
-          float* ar = acc + 16 * (r - m0);
-          __m512 v = _mm512_load_ps(ar);
-          for (int64_t s = 0; s < span; ++s) {
-            const int8_t* x = a.qrow(r) + (g0 + s) * SUPER;
-            __m512 dx = _mm512_set1_ps(a.drow(r)[g0 + s]);
-            for (int c = 0; c < chunks[s]; ++c) {
-              __m512i xv = _mm512_loadu_si512((const void*)(x + 64 * c));
-              xv = _mm512_mask_sub_epi8(xv, NEG[s][c], _mm512_setzero_si512(), xv);
-              __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), AW[s][c], xv);
-              v = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(D[s][c], dx), v);
-            }
-          }
-          _mm512_store_ps(ar, v);
-        }
-      }
-      for (int64_t r = m0; r < m1; ++r) job.y[r * job.n + n] = _mm512_reduce_add_ps(_mm512_load_ps(acc + 16 * (r - m0)));
-    }
+  static Ints wide_dot(Ints acc, Bytes w, const int8_t* x) { return dot(acc, w, x); }
+  static Ints pair_dot(Ints acc, Ints v, const int16_t* p) {
+    int32_t p2;
+    std::memcpy(&p2, p, 4);
+    return _mm512_dpwssd_epi32(acc, v, _mm512_set1_epi32(p2));
   }
-}
+  static Ints u8(const uint8_t* p) { return _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)p)); }
+  static Ints u8_pairs(const uint8_t* p) { return _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i*)p)); }
+  static Ints i8_pairs(const uint8_t* p) { return _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i*)p)); }
+  static Ints low16(Ints v) { return _mm512_srai_epi32(_mm512_slli_epi32(v, 16), 16); }
+  static Ints high16(Ints v) { return _mm512_srai_epi32(v, 16); }
+  static Ints add(Ints a, Ints b) { return _mm512_add_epi32(a, b); }
+  static Ints sub(Ints a, Ints b) { return _mm512_sub_epi32(a, b); }
+  static Ints mul(Ints a, Ints b) { return _mm512_mullo_epi32(a, b); }
+  static Ints shl(Ints v, int s) { return _mm512_sll_epi32(v, _mm_cvtsi32_si128(s)); }
+  static Ints set(int32_t v) { return _mm512_set1_epi32(v); }
+  static Floats halves(const uint8_t* p) { return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)p)); }
+  static Floats cvt(Ints v) { return _mm512_cvtepi32_ps(v); }
+  static Floats fmul(Floats a, Floats b) { return _mm512_mul_ps(a, b); }
+  static Floats fmadd(Floats a, Floats b, Floats c) { return _mm512_fmadd_ps(a, b, c); }
+  static Floats fnmadd(Floats a, Floats b, Floats c) { return _mm512_fnmadd_ps(a, b, c); }
+  static Floats fset(float v) { return _mm512_set1_ps(v); }
+  static Floats fzero() { return _mm512_setzero_ps(); }
+  static void store(float* p, Floats v) { _mm512_storeu_ps(p, v); }
+  static void prefetch(const uint8_t* p, int bytes) {
+    for (int l = 0; l < bytes; l += 64) _mm_prefetch((const char*)(p + l), _MM_HINT_T0);
+  }
+};
+#include "tiles.h"
+void columns_avx512(const Job& job, int64_t g0, int64_t g1) { columns<Avx512Lanes>(job, g0, g1); }
+}  // namespace avx512
+#pragma GCC pop_options
+
 #endif  // LLMCAD_X86
 
 bool path_supported(int path) {
@@ -570,6 +545,7 @@ bool path_supported(int path) {
   __builtin_cpu_init();
   bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
   if (path == AVX2) return avx2;
+  if (path == AVXVNNI) return avx2 && __builtin_cpu_supports("avxvnni");
   if (path == AVX512)
     return avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
            __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
@@ -581,10 +557,11 @@ using ColumnsFn = void (*)(const Job&, int64_t, int64_t);
 
 ColumnsFn columns_for(int path) {
 #ifdef LLMCAD_X86
-  if (path == AVX512) return columns_avx512;
-  if (path == AVX2) return columns_avx2;
+  if (path == AVX512) return avx512::columns_avx512;
+  if (path == AVXVNNI) return avxvnni::columns_avxvnni;
+  if (path == AVX2) return avx2::columns_avx2;
 #endif
-  return columns_portable;
+  return portable::columns_portable;
 }
 
 // ---- threads ---------------------------------------------------------------------------------
@@ -700,52 +677,68 @@ LLMCAD_API void llmcad_use_openmp(void* parallel, void* thread_num, void* num_th
   if (!(openmp.parallel && openmp.thread_num && openmp.num_threads)) openmp = OpenMP();
 }
 
-// Bit i set where dispatch path i (0 portable, 1 AVX2, 2 AVX-512) runs on this CPU.
+// Bit i set where dispatch path i (0 portable, 1 AVX2, 2 AVX-VNNI, 3 AVX-512) runs on this CPU.
 LLMCAD_API int llmcad_paths() {
   int mask = 0;
   for (int p = PORTABLE; p <= AVX512; ++p) mask |= path_supported(p) << p;
   return mask;
 }
 
-// y[m, n] = x[m, k] W^T for W of `qtype`, n rows of `row_bytes` bytes each; `threads` split
-// the columns. Returns 0, or -1 for a bad argument (type, path, or k not fitting the blocks).
-LLMCAD_API int llmcad_matmul(int path, int qtype, const uint8_t* w, int64_t row_bytes, int64_t n, int64_t k,
-                  const float* x, int64_t m, float* y, int threads) {
-  if (qtype < Q4_K || qtype > Q5_0 || !path_supported(path) || k <= 0 || n <= 0 || m <= 0) return -1;
-  const Format f = FORMATS[qtype];
-  if (k % f.block || row_bytes != k / f.block * f.bytes) return -1;
+// Bytes of one column of k weights of `qtype`, packed (0 for a bad type or k).
+LLMCAD_API int64_t llmcad_packed_bytes(int qtype, int64_t k) {
+  if (qtype < Q4_K || qtype > Q5_0 || k <= 0 || k % FORMATS[qtype].block) return 0;
+  return k / FORMATS[qtype].block * packed_bytes(qtype);
+}
+
+// dst (n * llmcad_packed_bytes(qtype, k) bytes) = the tiles of the GGUF matrix src (n rows of
+// k weights, `row_bytes` apart). Returns 0, or -1 for a bad argument.
+LLMCAD_API int llmcad_pack(int qtype, const uint8_t* src, int64_t row_bytes, int64_t n, int64_t k, uint8_t* dst) {
+  if (!llmcad_packed_bytes(qtype, k) || n <= 0 || row_bytes != k / FORMATS[qtype].block * FORMATS[qtype].gguf_bytes) return -1;
+  const int64_t blocks = k / FORMATS[qtype].block;
+  Block b;
+  for (int64_t col = 0; col < n; ++col)
+    for (int64_t blk = 0; blk < blocks; ++blk) {
+      int width;
+      uint8_t* tile = const_cast<uint8_t*>(tile_at(qtype, dst, n, k, col / TILE, blk, width));
+      b = Block();
+      read_gguf(qtype, src + col * row_bytes + blk * FORMATS[qtype].gguf_bytes, b);
+      write_tile(qtype, b, tile, width, (int)(col % TILE));
+    }
+  return 0;
+}
+
+// y[m, n] = x[m, k] W^T for W packed by llmcad_pack; `threads` split the column tiles.
+// Returns 0, or -1 for a bad argument (type, path, sizes).
+LLMCAD_API int llmcad_matmul(int path, int qtype, const uint8_t* w, int64_t n, int64_t k, const float* x, int64_t m, float* y,
+                             int threads) {
+  if (!llmcad_packed_bytes(qtype, k) || !path_supported(path) || n <= 0 || m <= 0) return -1;
   static thread_local Activations a;
   quantize_rows(x, m, k, a);
-  Job job{qtype, w, row_bytes, &a, y, n};
+  Job job{qtype, w, n, &a, y};
   ColumnsFn columns = columns_for(path);
-  int64_t step = 16;  // columns per part come in 16s so parts stay cache-line friendly
-  int parts = (int)std::max<int64_t>(1, std::min<int64_t>(threads, n / step));
-  int64_t per = (n + parts - 1) / parts;
+  const int64_t groups = (n + TILE - 1) / TILE;
+  int parts = (int)std::max<int64_t>(1, std::min<int64_t>(threads, groups));
+  int64_t per = (groups + parts - 1) / parts;
   run_parts(parts, [&](int i) {
-    int64_t n0 = i * per, n1 = std::min(n, n0 + per);
-    if (n0 < n1) columns(job, n0, n1);
+    int64_t g0 = i * per, g1 = std::min(groups, g0 + per);
+    if (g0 < g1) columns(job, g0, g1);
   });
   return 0;
 }
 
-// out[rows, k] = the dequantized weights (the same arithmetic as ggml's reference).
-LLMCAD_API int llmcad_dequantize(int qtype, const uint8_t* w, int64_t row_bytes, int64_t rows, int64_t k, float* out) {
-  if (qtype < Q4_K || qtype > Q5_0) return -1;
-  const Format f = FORMATS[qtype];
-  if (k % f.block || row_bytes != k / f.block * f.bytes) return -1;
-  Decoded dec;
-  for (int64_t r = 0; r < rows; ++r) {
-    const uint8_t* row = w + r * row_bytes;
-    float* o = out + r * k;
-    for (int64_t g = 0; g * SUPER < k; ++g) {
-      decode_portable(qtype, row, k, g, dec);
-      if (qtype == Q4_K || qtype == Q6_K) {
-        for (int i = 0; i < SUPER; ++i) o[g * SUPER + i] = dec.a * dec.scale[i / 16] * dec.q[i] - dec.b * dec.off[i / 16];
-      } else {
-        for (int i = 0; i < 32 * dec.blocks; ++i) o[g * SUPER + i] = dec.d[i / 32] * dec.q[i];
-      }
+// out[n, k] = the weights of a packed matrix (the arithmetic of ggml's reference dequantizers).
+LLMCAD_API int llmcad_dequantize(int qtype, const uint8_t* w, int64_t n, int64_t k, float* out) {
+  if (!llmcad_packed_bytes(qtype, k) || n <= 0) return -1;
+  const int64_t blocks = k / FORMATS[qtype].block;
+  Block b;
+  for (int64_t col = 0; col < n; ++col)
+    for (int64_t blk = 0; blk < blocks; ++blk) {
+      int width;
+      const uint8_t* tile = tile_at(qtype, w, n, k, col / TILE, blk, width);
+      b = Block();
+      read_tile(qtype, tile, width, (int)(col % TILE), b);
+      dequantize_block(qtype, b, out + col * k + blk * FORMATS[qtype].block);
     }
-  }
   return 0;
 }
 
