@@ -104,7 +104,7 @@ def plot(results: dict, out: Path) -> None:
     styles = {"avx512": "-", "avxvnni": (0, (5, 1, 1, 1)), "avx2": "--", "portable": ":"}
     for name, rec in results.items():
         fmt, _, path = name.partition("/")  # format and path; PyTorch's kernels have no path
-        ax.plot(ROWS, [rec["ms"][r] for r in ROWS], styles.get(path, "-."), color=colors[fmt], marker="o", label=name)
+        ax.plot(ROWS, [rec["ms"][r] for r in ROWS], linestyle=styles.get(path, "-."), color=colors[fmt], marker="o", label=name)
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xlabel("rows (tokens in the pass)")
