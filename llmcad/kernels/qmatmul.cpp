@@ -316,7 +316,6 @@ struct Job {
   float* y;  // [m, n]
 };
 
-
 // ---- portable lanes: 16 lanes as arrays (the reference; any CPU) ---------------------------
 
 struct PortableLanes {
@@ -382,7 +381,6 @@ struct TwoF { __m256 lo, hi; };
 #pragma GCC target("avx2,fma,f16c")
 namespace avx2 {
 // ---- AVX2 lanes (16 lanes as two registers of 8), with or without AVX-VNNI ----------------
-
 
 // Lane operations both AVX2 paths share; the dot products differ (Avx2Lanes, AvxVnniLanes).
 struct Avx2Base {
