@@ -277,36 +277,6 @@ struct Activations {
   const int16_t* s32row(int64_t r) const { return s32.data() + r * (kpad / 32); }
 };
 
-void quantize_rows(const float* x, int64_t m, int64_t k, Activations& a) {
-  a.m = m;
-  a.k = k;
-  a.groups = (k + SUPER - 1) / SUPER;
-  a.kpad = a.groups * SUPER;
-  a.q.assign(m * a.kpad, 0);
-  a.d.assign(m * a.groups, 0.f);
-  a.s16.assign(m * (a.kpad / 16), 0);
-  a.s32.assign(m * (a.kpad / 32), 0);
-  for (int64_t r = 0; r < m; ++r) {
-    const float* xr = x + r * k;
-    int8_t* q = a.q.data() + r * a.kpad;
-    for (int64_t g = 0; g < a.groups; ++g) {
-      int64_t lo = g * SUPER, hi = std::min<int64_t>(k, lo + SUPER);
-      float amax = 0.f;
-      for (int64_t i = lo; i < hi; ++i) amax = std::max(amax, std::fabs(xr[i]));
-      float d = amax / 127.f, id = amax > 0.f ? 127.f / amax : 0.f;
-      for (int64_t i = lo; i < hi; ++i) q[i] = (int8_t)std::max(-127.f, std::min(127.f, std::nearbyint(xr[i] * id)));
-      a.d[r * a.groups + g] = d;
-    }
-    int16_t *s16 = a.s16.data() + r * (a.kpad / 16), *s32 = a.s32.data() + r * (a.kpad / 32);
-    for (int64_t i = 0; i < a.kpad / 16; ++i) {
-      int sum = 0;
-      for (int j = 0; j < 16; ++j) sum += q[16 * i + j];
-      s16[i] = (int16_t)sum;
-      s32[i / 2] += (int16_t)sum;
-    }
-  }
-}
-
 // Work for one thread: column groups [g0, g1) of all rows.
 struct Job {
   int qtype;
@@ -551,15 +521,19 @@ bool path_supported(int path) {
   return false;
 }
 
-using ColumnsFn = void (*)(const Job&, int64_t, int64_t);
+// A path's two halves: the activations' quantizer and the column kernels.
+struct Kernels {
+  void (*quantize)(const float*, int64_t, int64_t, Activations&);
+  void (*columns)(const Job&, int64_t, int64_t);
+};
 
-ColumnsFn columns_for(int path) {
+Kernels kernels_for(int path) {
 #ifdef LLMCAD_X86
-  if (path == AVX512) return avx512::columns_avx512;
-  if (path == AVXVNNI) return avxvnni::columns_avxvnni;
-  if (path == AVX2) return avx2::columns_avx2;
+  if (path == AVX512) return {avx512::quantize_rows, avx512::columns_avx512};
+  if (path == AVXVNNI) return {avxvnni::quantize_rows, avxvnni::columns_avxvnni};
+  if (path == AVX2) return {avx2::quantize_rows, avx2::columns_avx2};
 #endif
-  return portable::columns_portable;
+  return {portable::quantize_rows, portable::columns_portable};
 }
 
 // ---- threads ---------------------------------------------------------------------------------
@@ -711,15 +685,15 @@ LLMCAD_API int llmcad_matmul(int path, int qtype, const uint8_t* w, int64_t n, i
                              int threads) {
   if (!llmcad_packed_bytes(qtype, k) || !path_supported(path) || n <= 0 || m <= 0) return -1;
   static thread_local Activations a;
-  quantize_rows(x, m, k, a);
+  const Kernels kernels = kernels_for(path);
+  kernels.quantize(x, m, k, a);
   Job job{qtype, w, n, &a, y};
-  ColumnsFn columns = columns_for(path);
   const int64_t groups = (n + TILE - 1) / TILE;
   int parts = (int)std::max<int64_t>(1, std::min<int64_t>(threads, groups));
   int64_t per = (groups + parts - 1) / parts;
   run_parts(parts, [&](int i) {
     int64_t g0 = i * per, g1 = std::min(groups, g0 + per);
-    if (g0 < g1) columns(job, g0, g1);
+    if (g0 < g1) kernels.columns(job, g0, g1);
   });
   return 0;
 }

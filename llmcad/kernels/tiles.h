@@ -17,6 +17,57 @@
 //                           (one rounding), fnmadd(a, b, c) = c - a*b (one rounding)
 //   fset(float), fzero(), store(p, v), prefetch(p, bytes)
 
+// Each row of x quantized on its own (see qmatmul.cpp's header): codes, scales, sums. Plain
+// loops over 16 lanes of integer or correctly rounded IEEE operations, nothing reassociated,
+// so each instruction set's vectorization of them gives the portable path's bits. Rounding
+// to nearest even adds and subtracts 1.5 * 2^23 (the values are within +-127.5).
+inline void quantize_rows(const float* x, int64_t m, int64_t k, Activations& a) {
+  constexpr float ROUND = 12582912.f;
+  a.m = m;
+  a.k = k;
+  a.groups = (k + SUPER - 1) / SUPER;
+  a.kpad = a.groups * SUPER;
+  a.q.assign(m * a.kpad, 0);
+  a.d.assign(m * a.groups, 0.f);
+  a.s16.resize(m * (a.kpad / 16));
+  a.s32.resize(m * (a.kpad / 32));
+  for (int64_t r = 0; r < m; ++r) {
+    const float* xr = x + r * k;
+    int8_t* q = a.q.data() + r * a.kpad;
+    for (int64_t g = 0; g < a.groups; ++g) {
+      const int64_t lo = g * SUPER, hi = std::min<int64_t>(k, lo + SUPER);
+      // the largest magnitude: |v|'s bits, compared as integers, order as |v| does
+      uint32_t lanes[TILE] = {}, bits[TILE];
+      int64_t i = lo;
+      for (; i + TILE <= hi; i += TILE) {
+        std::memcpy(bits, xr + i, sizeof(bits));
+        for (int l = 0; l < TILE; ++l) lanes[l] = std::max(lanes[l], bits[l] & 0x7fffffffu);
+      }
+      for (; i < hi; ++i) {
+        std::memcpy(bits, xr + i, 4);
+        lanes[0] = std::max(lanes[0], bits[0] & 0x7fffffffu);
+      }
+      uint32_t top = 0;
+      for (int l = 0; l < TILE; ++l) top = std::max(top, lanes[l]);
+      float amax;
+      std::memcpy(&amax, &top, 4);
+      const float id = amax > 0.f ? 127.f / amax : 0.f;
+      for (i = lo; i < hi; ++i) {
+        const float v = std::min(127.f, std::max(-127.f, xr[i] * id));
+        q[i] = (int8_t)(int)((v + ROUND) - ROUND);
+      }
+      a.d[r * a.groups + g] = amax / 127.f;
+    }
+    int16_t *s16 = a.s16.data() + r * (a.kpad / 16), *s32 = a.s32.data() + r * (a.kpad / 32);
+    for (int64_t i = 0; i < a.kpad / 16; ++i) {
+      int sum = 0;
+      for (int j = 0; j < 16; ++j) sum += q[16 * i + j];
+      s16[i] = (int16_t)sum;
+    }
+    for (int64_t i = 0; i < a.kpad / 32; ++i) s32[i] = (int16_t)(s16[2 * i] + s16[2 * i + 1]);
+  }
+}
+
 // The R activation rows starting at r0: pointers to their codes, scales and sums.
 template <int R>
 struct Rows {
