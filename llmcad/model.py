@@ -24,13 +24,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from llmcad import kernels
 from llmcad.config import ModelConfig
 
 ROW_CHUNK = 64  # tokens run through a layer at a time: bounds activation memory for long prompts
 
 
 class KVCache:
-    """Keys and values for every layer, preallocated for `max_len` slots.
+    """Keys and values for every layer, preallocated for `max_len` slots: keys transposed
+    ([layers, kv heads, head dim, slots], so attention scores consecutive slots with one
+    vector operation per dimension), values as rows ([layers, kv heads, slots, head dim]).
 
     `tokens` names what the first slots hold: the keys and values of `tokens[i]` at
     position i are in slot i. Decoders extend it only after a pass has written those slots
@@ -38,9 +41,8 @@ class KVCache:
     prompt that begins with the same tokens reuses those entries (the prompt cache)."""
 
     def __init__(self, config: ModelConfig, max_len: int, dtype: torch.dtype = torch.float32):
-        shape = (config.num_layers, config.num_kv_heads, max_len, config.head_dim)
-        self.k = torch.zeros(shape, dtype=dtype)
-        self.v = torch.zeros(shape, dtype=dtype)
+        self.k = torch.zeros(config.num_layers, config.num_kv_heads, config.head_dim, max_len, dtype=dtype)
+        self.v = torch.zeros(config.num_layers, config.num_kv_heads, max_len, config.head_dim, dtype=dtype)
         # the rotary position of each slot's entry, for sliding windows (whose models alone keep it)
         self.pos = torch.zeros(max_len, dtype=torch.long) if config.windowed_layers else None
         self.max_len = max_len
@@ -72,7 +74,7 @@ class KVCache:
         Committing an accepted path of a token tree is one such call.
         """
         dst = slice(dst_start, dst_start + len(src))
-        self.k[:, :, dst] = self.k[:, :, src]
+        self.k[..., dst] = self.k[..., src]
         self.v[:, :, dst] = self.v[:, :, src]
         if self.pos is not None:
             self.pos[dst] = self.pos[src]
@@ -130,23 +132,25 @@ class Attention(nn.Module):
         q, k = rotate(q, cos, sin), rotate(k, cos, sin)
         v = self.v_proj(x).view(n, self.num_kv_heads, self.head_dim)
         end = start + n
-        k_cache[:, start:end] = k.transpose(0, 1)
+        k_cache[:, :, start:end] = k.permute(1, 2, 0)
         v_cache[:, start:end] = v.transpose(0, 1)
-        return self.o_proj(self._attend(q, k_cache[:, :end], v_cache[:, :end], mask))
+        return self.o_proj(self._attend(q, k_cache, v_cache, end, mask))
 
-    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        """Grouped-query attention: the query heads sharing a KV head are stacked as one
-        matrix, so keys and values are never repeated. q: [T, H, D]; k, v: [KV, S, D].
-
-        Computed in float64 and rounded to float32: a matmul's summation order depends on
-        how many rows and cache slots it sees, so in float32 a token's attention output
-        differs in its last bits between a one-token decode step and a tree verification
-        pass. In float64 those differences vanish in the rounding back to float32 (all but
-        certainly), so a token's result does not depend on what else is in the pass; with
-        int8 linears, whose rows are already independent, verification is then exact."""
+    def _attend(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: int, mask: torch.Tensor | None) -> torch.Tensor:
+        """Grouped-query attention of q [T, H, D] over the first `slots` entries of the cache
+        layer (keys [KV, D, max_len], values [KV, max_len, D]). A token's result must not depend on what else is in the pass
+        (a tree verification must see what one-token decoding sees), which PyTorch's float32
+        matmuls do not give: their summation order depends on how many rows and slots they
+        see. The native kernel (`kernels.attention`) computes each row on its own in a fixed
+        order. Without it, the query heads sharing a KV head are stacked as one matrix (keys
+        and values never repeated) and computed in float64, rounded to float32: the order's
+        differences vanish in that rounding (all but certainly)."""
+        if kernels.available():
+            return kernels.attention(q, k_cache, v_cache, slots, mask, self.scale, self.softcap)
+        k, v = k_cache[..., :slots], v_cache[:, :slots]
         n, kv, group, dim = q.shape[0], self.num_kv_heads, self.num_heads // self.num_kv_heads, self.head_dim
         q = q.double().view(n, kv, group, dim).permute(1, 2, 0, 3).reshape(kv, group * n, dim)
-        scores = (q @ k.double().transpose(1, 2)).mul_(self.scale).view(kv, group, n, -1)
+        scores = (q @ k.double()).mul_(self.scale).view(kv, group, n, -1)
         if self.softcap:
             scores = scores.div_(self.softcap).tanh_().mul_(self.softcap)
         if mask is not None:

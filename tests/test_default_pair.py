@@ -34,7 +34,7 @@ def engine() -> Engine:
 @pytest.mark.parametrize("prompt", PROMPTS)
 def test_speculation_reproduces_the_target(engine, prompt):
     """Token for token, with no tolerance: the kernels quantize each row on its own and give
-    it the same bits at any batch size, and attention runs in float64, so a token's logits
+    it the same bits at any batch size, and so does attention, so a token's logits
     in a verification pass are the ones its own decode step computes."""
     ids = engine.chat_prompt([{"role": "user", "content": prompt}])
     expected = engine.generate(ids, max_tokens=32, ignore_eos=True, mode="ar").tokens

@@ -36,7 +36,9 @@ from llmcad.tree import TokenTree
 from llmcad.weights import load_model, open_checkpoint
 from conftest import make_tiny_hf, varied_strings, write_gguf
 
-TOL = 1e-4
+# float32 throughout, attention included (the native kernel sums in its own fixed order,
+# transformers in PyTorch's): logits agree to a few units in the 5th digit; garbage is far off
+TOL = 2e-4
 WINDOW = 16
 PROMPT = 44  # longer than every window and than longrope's original context
 
@@ -172,9 +174,9 @@ def test_prefill_decode_and_tree_match_transformers(folders, ggufs, variant, sou
     for node in range(n):
         path = [int(tree.tokens[i]) for i in tree.path(node)]
         decoded = run(model, prefix + path, [len(prefix)] + [1] * len(path))[-1]
-        # float32 rounding (a matmul's summation order depends on its rows): larger in Gemma,
-        # whose hidden states are scaled by sqrt(hidden) and logits reach 30 here
-        torch.testing.assert_close(rows[node], decoded, atol=TOL if ckpt.config.family.embed_scale else 1e-5, rtol=0)
+        # float32 rounding (an fp32 matmul's summation order depends on its rows): larger in
+        # Gemma, whose hidden states are scaled by sqrt(hidden) and logits reach 30 here
+        torch.testing.assert_close(rows[node], decoded, atol=TOL if ckpt.config.family.embed_scale else 3e-5, rtol=0)
         torch.testing.assert_close(rows[node], hf_logits(folder, prefix + path, stepwise)[-1], atol=TOL, rtol=0)
 
 

@@ -141,3 +141,73 @@ def test_without_the_library_the_cli_says_so_and_gguf_is_refused(monkeypatch, ca
     with pytest.raises(LlmcadError, match="precision gguf needs the native kernels: the native kernel library was not built"):
         Engine.load(tiny_llama, precision="gguf", progress=False)
     assert Engine.load(tiny_llama, precision="int8", progress=False).precision == "int8"
+
+
+def float64_attention(q, k, v, slots, mask, scale, softcap=None):
+    """The reference: grouped-query attention in float64 over the first `slots` cache entries
+    (keys transposed: [kv_heads, dim, slots])."""
+    rows, heads, dim = q.shape
+    group = heads // k.shape[0]
+    keys, values = k[..., :slots].transpose(1, 2).double().repeat_interleave(group, 0), v[:, :slots].double().repeat_interleave(group, 0)
+    scores = torch.einsum("thd,hsd->hts", q.double(), keys) * scale
+    if softcap:
+        scores = torch.tanh(scores / softcap) * softcap
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return torch.einsum("hts,hsd->thd", torch.softmax(scores, -1), values).reshape(rows, heads * dim).float()
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("heads, kv_heads, dim, softcap", [(14, 2, 64, None), (4, 4, 40, None), (8, 2, 256, 50.0)])
+def test_attention_rows_are_exact_at_any_batch_thread_count_and_path(path, heads, kv_heads, dim, softcap):
+    """Each query row gives the same bits alone as beside others (a tree's verification sees
+    what one-token decoding sees), on any thread count and path, and matches float64 attention."""
+    g = torch.Generator().manual_seed(heads + dim)
+    k, v = torch.randn(kv_heads, dim, 300, generator=g), torch.randn(kv_heads, 300, dim, generator=g)
+    q = torch.randn(12, heads, dim, generator=g)
+    slots = 257
+    mask = torch.rand(12, slots, generator=g) > 0.25
+    mask[:, 0] = True
+    scale = dim**-0.5
+    out = kernels.attention(q, k, v, slots, mask, scale, softcap, path=path)
+    assert torch.allclose(out, float64_attention(q, k, v, slots, mask, scale, softcap), atol=2e-6, rtol=1e-5)
+    assert torch.equal(out, kernels.attention(q, k, v, slots, mask, scale, softcap, path="portable"))
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        for r in (0, 5, 11):
+            assert torch.equal(kernels.attention(q[r : r + 1], k, v, slots, mask[r : r + 1], scale, softcap, path=path), out[r : r + 1])
+    finally:
+        torch.set_num_threads(threads)
+    unmasked = kernels.attention(q[:3], k, v, slots, None, scale, softcap, path=path)
+    assert torch.equal(unmasked, kernels.attention(q[:3], k, v, slots, torch.ones(3, slots, dtype=torch.bool), scale, softcap, path=path))
+
+
+def test_attention_refuses_mismatched_shapes():
+    k, v = torch.zeros(2, 32, 64), torch.zeros(2, 64, 32)
+    with pytest.raises(ValueError, match="do not match"):
+        kernels.attention(torch.zeros(1, 4, 16), k, v, 10, None, 1.0)  # head dims differ
+    with pytest.raises(ValueError, match="do not match"):
+        kernels.attention(torch.zeros(1, 4, 32), k, v, 65, None, 1.0)  # more slots than the cache holds
+    with pytest.raises(ValueError, match="is not bool"):
+        kernels.attention(torch.zeros(1, 4, 32), k, v, 10, torch.ones(1, 9, dtype=torch.bool), 1.0)
+    with pytest.raises(ValueError, match="refused"):
+        kernels.attention(torch.zeros(1, 3, 32), k, v, 10, None, 1.0)  # 3 heads over 2 key/value heads
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_attention_does_not_depend_on_where_the_attended_slots_lie(path):
+    """A tree node attends to the prefix and to its ancestors, scattered among other nodes'
+    slots; once its path is committed the same keys sit next to each other. Both give the
+    same bits (the order of every sum counts only the attended slots)."""
+    g = torch.Generator().manual_seed(7)
+    heads, kv_heads, dim = 6, 2, 48
+    k, v = torch.randn(kv_heads, dim, 200, generator=g), torch.randn(kv_heads, 200, dim, generator=g)
+    q = torch.randn(1, heads, dim, generator=g)
+    attended = list(range(90)) + [97, 131, 160]
+    mask = torch.zeros(1, 161, dtype=torch.bool)
+    mask[0, attended] = True
+    scattered = kernels.attention(q, k, v, 161, mask, dim**-0.5, path=path)
+    packed_k, packed_v = torch.zeros_like(k), torch.zeros_like(v)
+    packed_k[..., : len(attended)], packed_v[:, : len(attended)] = k[..., attended], v[:, attended]
+    assert torch.equal(kernels.attention(q, packed_k, packed_v, len(attended), None, dim**-0.5, path=path), scattered)

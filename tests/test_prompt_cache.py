@@ -96,7 +96,7 @@ def assert_cache_holds_its_tokens(model, cache) -> None:
     assert n > 0
     fresh = KVCache(model.config, n)
     model(torch.tensor(cache.tokens), torch.arange(n), fresh, 0)
-    torch.testing.assert_close(cache.k[:, :, :n], fresh.k, atol=1e-4, rtol=0)
+    torch.testing.assert_close(cache.k[..., :n], fresh.k, atol=1e-4, rtol=0)
     torch.testing.assert_close(cache.v[:, :, :n], fresh.v, atol=1e-4, rtol=0)
 
 

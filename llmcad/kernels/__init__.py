@@ -1,4 +1,5 @@
-"""Native kernels for GGUF's quantized formats: y = x W^T with W in Q4_K, Q6_K, Q8_0 or Q5_0.
+"""Native kernels for GGUF's quantized formats: y = x W^T with W in Q4_K, Q6_K, Q8_0 or Q5_0;
+and attention over a KV cache.
 
 The C++ library (`qmatmul.cpp` with its kernel templates `tiles.h`, built by `pip install` as
 `_qmatmul*.so` beside this file and loaded with ctypes) works on matrices repacked once by
@@ -6,7 +7,9 @@ The C++ library (`qmatmul.cpp` with its kernel templates `tiles.h`, built by `pi
 vector instruction computes 16 columns' dot products at once and a decoded tile serves several
 activation rows. It quantizes each activation row to int8 on its own; every output row gets the
 same bits whatever the number of rows in the call, the thread count and the dispatch path, so
-verifying a token tree reproduces one-token decoding exactly.
+verifying a token tree reproduces one-token decoding exactly. `attention` (`attention.h`)
+computes each query row and head on its own in float32 in one fixed order, with the same
+guarantee.
 
 Dispatch paths: `avx512` (AVX-512 F/BW/VL/VNNI), `avxvnni` (AVX2 with AVX-VNNI), `avx2`
 (AVX2, FMA, F16C) and `portable` (plain C++); the best one this CPU runs is used unless
@@ -69,8 +72,11 @@ def _library() -> tuple[ctypes.CDLL | None, str]:
     lib.llmcad_matmul.restype = ctypes.c_int
     lib.llmcad_dequantize.argtypes = [ctypes.c_int, ptr, i64, i64, ptr]
     lib.llmcad_dequantize.restype = ctypes.c_int
-    if any(lib.llmcad_packed_bytes(QTYPE_IDS[q], QTYPES[q][0]) != PACKED_BYTES[q] for q in QTYPES):
+    if not hasattr(lib, "llmcad_attention") or any(lib.llmcad_packed_bytes(QTYPE_IDS[q], QTYPES[q][0]) != PACKED_BYTES[q] for q in QTYPES):
         return None, f"the native kernel library at {found[0]} is out of date (reinstall: pip install -e .)"
+    f32 = ctypes.c_float
+    lib.llmcad_attention.argtypes = [ctypes.c_int, ptr, i64, i64, i64, i64, ptr, ptr, i64, i64, ptr, f32, f32, ptr, ctypes.c_int]
+    lib.llmcad_attention.restype = ctypes.c_int
     lib.llmcad_use_openmp.argtypes = [ptr, ptr, ptr]
     lib.llmcad_use_openmp.restype = None
     lib.llmcad_use_openmp(*_torch_openmp())
@@ -173,4 +179,29 @@ def dequantize(packed: torch.Tensor, qtype: str, cols: int) -> torch.Tensor:
     out = torch.empty(packed.shape[0], cols)
     if packed.shape[0] and lib.llmcad_dequantize(QTYPE_IDS[qtype], packed.data_ptr(), packed.shape[0], cols, out.data_ptr()):
         raise ValueError(f"llmcad_dequantize refused {qtype} [{packed.shape[0]}, {cols}]")
+    return out
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: int, mask: torch.Tensor | None, scale: float, softcap: float | None = None,
+              path: str | None = None) -> torch.Tensor:
+    """softmax(q k^T * scale, soft-capped, masked) v for q [T, heads, dim] over the first `slots`
+    entries of a KV cache layer: keys transposed, k [kv_heads, dim, max_len], values v
+    [kv_heads, max_len, dim] (contiguous float32), each query head reading key/value head
+    head // (heads // kv_heads); mask [T, slots] bool (True: may attend) or None. Returns
+    [T, heads * dim] float32."""
+    lib = _checked_library()
+    rows, heads, dim = q.shape
+    kv_heads, max_len = v.shape[0], v.shape[1]
+    if k.shape != (kv_heads, dim, max_len) or v.shape[2] != dim or k.dtype != torch.float32 or v.dtype != torch.float32 or not (k.is_contiguous() and v.is_contiguous()) or not 0 < slots <= max_len:
+        raise ValueError(f"attention: keys {tuple(k.shape)} and values {tuple(v.shape)} do not match queries {tuple(q.shape)} over {slots} slots")
+    if mask is not None:
+        if mask.shape != (rows, slots) or mask.dtype != torch.bool:
+            raise ValueError(f"attention: mask {tuple(mask.shape)} {mask.dtype} is not bool [{rows}, {slots}]")
+        mask = mask.contiguous()
+    q = q.contiguous().float()
+    out = torch.empty(rows, heads * dim)
+    status = lib.llmcad_attention(PATHS.index(path or active_path()), q.data_ptr(), rows, heads, kv_heads, dim, k.data_ptr(), v.data_ptr(), max_len, slots,
+                                  None if mask is None else mask.data_ptr(), scale, softcap or 0.0, out.data_ptr(), torch.get_num_threads())
+    if status:
+        raise ValueError(f"llmcad_attention refused {heads} heads over {kv_heads} key/value heads")
     return out

@@ -286,6 +286,17 @@ struct Job {
   float* y;  // [m, n]
 };
 
+// One pass's attention (attention.h): q [rows, heads, dim]; a cache layer's keys, transposed,
+// k [kv_heads, dim, capacity] and values v [kv_heads, capacity, dim], of which the first
+// `slots` are attended to; mask [rows, slots] (nonzero: may attend) or null.
+struct AttentionJob {
+  const float *q, *k, *v;
+  const uint8_t* mask;
+  int64_t rows, heads, kv_heads, dim, slots, capacity;
+  float scale, softcap;  // softcap 0: none
+  float* out;            // [rows, heads, dim]
+};
+
 // ---- portable lanes: 16 lanes as arrays (the reference; any CPU) ---------------------------
 
 struct PortableLanes {
@@ -338,6 +349,7 @@ struct PortableLanes {
 
 namespace portable {
 #include "tiles.h"
+#include "attention.h"
 void columns_portable(const Job& job, int64_t g0, int64_t g1) { columns<PortableLanes>(job, g0, g1); }
 }  // namespace portable
 
@@ -430,6 +442,7 @@ struct Avx2Lanes : Avx2Base {
   }
 };
 #include "tiles.h"
+#include "attention.h"
 void columns_avx2(const Job& job, int64_t g0, int64_t g1) { columns<Avx2Lanes>(job, g0, g1); }
 }  // namespace avx2
 #pragma GCC pop_options
@@ -449,6 +462,7 @@ struct AvxVnniLanes : avx2::Avx2Base {
   }
 };
 #include "tiles.h"
+#include "attention.h"
 void columns_avxvnni(const Job& job, int64_t g0, int64_t g1) { columns<AvxVnniLanes>(job, g0, g1); }
 }  // namespace avxvnni
 #pragma GCC pop_options
@@ -501,6 +515,7 @@ struct Avx512Lanes {
   }
 };
 #include "tiles.h"
+#include "attention.h"
 void columns_avx512(const Job& job, int64_t g0, int64_t g1) { columns<Avx512Lanes>(job, g0, g1); }
 }  // namespace avx512
 #pragma GCC pop_options
@@ -521,19 +536,20 @@ bool path_supported(int path) {
   return false;
 }
 
-// A path's two halves: the activations' quantizer and the column kernels.
+// A path's functions: the activations' quantizer, the column kernels, attention.
 struct Kernels {
   void (*quantize)(const float*, int64_t, int64_t, Activations&);
   void (*columns)(const Job&, int64_t, int64_t);
+  void (*attend)(const AttentionJob&, int64_t, int64_t);
 };
 
 Kernels kernels_for(int path) {
 #ifdef LLMCAD_X86
-  if (path == AVX512) return {avx512::quantize_rows, avx512::columns_avx512};
-  if (path == AVXVNNI) return {avxvnni::quantize_rows, avxvnni::columns_avxvnni};
-  if (path == AVX2) return {avx2::quantize_rows, avx2::columns_avx2};
+  if (path == AVX512) return {avx512::quantize_rows, avx512::columns_avx512, avx512::attend_items};
+  if (path == AVXVNNI) return {avxvnni::quantize_rows, avxvnni::columns_avxvnni, avxvnni::attend_items};
+  if (path == AVX2) return {avx2::quantize_rows, avx2::columns_avx2, avx2::attend_items};
 #endif
-  return {portable::quantize_rows, portable::columns_portable};
+  return {portable::quantize_rows, portable::columns_portable, portable::attend_items};
 }
 
 // ---- threads ---------------------------------------------------------------------------------
@@ -694,6 +710,28 @@ LLMCAD_API int llmcad_matmul(int path, int qtype, const uint8_t* w, int64_t n, i
   run_parts(parts, [&](int i) {
     int64_t g0 = i * per, g1 = std::min(groups, g0 + per);
     if (g0 < g1) kernels.columns(job, g0, g1);
+  });
+  return 0;
+}
+
+// out[rows, heads, dim] = softmax(q k^T * scale, soft-capped where softcap > 0, masked) v for
+// each query row and head, its key/value head being head / (heads / kv_heads), over the first
+// `slots` slots of a cache layer holding `capacity`: keys transposed, k [kv_heads, dim,
+// capacity], values v [kv_heads, capacity, dim]; mask [rows, slots] (nonzero: may attend) or
+// null (all). Returns 0, or -1 for a bad argument.
+LLMCAD_API int llmcad_attention(int path, const float* q, int64_t rows, int64_t heads, int64_t kv_heads, int64_t dim, const float* k,
+                                const float* v, int64_t capacity, int64_t slots, const uint8_t* mask, float scale, float softcap,
+                                float* out, int threads) {
+  if (!path_supported(path) || rows <= 0 || kv_heads <= 0 || heads % kv_heads || dim <= 0 || slots <= 0 || capacity < slots)
+    return -1;
+  const AttentionJob job{q, k, v, mask, rows, heads, kv_heads, dim, slots, capacity, scale, softcap, out};
+  const Kernels kernels = kernels_for(path);
+  const int64_t items = rows * heads;
+  const int parts = (int)std::max<int64_t>(1, std::min<int64_t>(threads, items));
+  const int64_t per = (items + parts - 1) / parts;
+  run_parts(parts, [&](int i) {
+    const int64_t i0 = i * per, i1 = std::min(items, i0 + per);
+    if (i0 < i1) kernels.attend(job, i0, i1);
   });
   return 0;
 }
