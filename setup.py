@@ -14,7 +14,7 @@ setup(
         Extension(
             "llmcad.kernels._qmatmul",
             sources=["llmcad/kernels/qmatmul.cpp"],
-            depends=["llmcad/kernels/tiles.h"],
+            depends=["llmcad/kernels/tiles.h", "llmcad/kernels/attention.h"],
             language="c++",
             extra_compile_args=["-O3", "-std=c++17", "-ffp-contract=off", "-fvisibility=hidden", "-pthread"],
             extra_link_args=["-pthread"],
