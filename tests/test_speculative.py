@@ -69,16 +69,20 @@ def test_greedy_equals_target_alone(pair, ar_tokens, setting):
     assert accepted > 0  # the draft is close enough that speculation did real work
 
 
-QUANTIZED = [("q4", None)] + [("gguf", path) for path in kernels.supported_paths()]
+# (precision, kernel path): "no-library" runs as if the native library had not built, so
+# attention takes its PyTorch float64 fallback
+QUANTIZED = [("q4", None), ("int8", "no-library")] + [("gguf", path) for path in kernels.supported_paths()]
 
 
 @pytest.mark.parametrize("precision, kernel_path", QUANTIZED, ids=[f"{p}-{k}" if k else p for p, k in QUANTIZED])
 def test_quantized_speculation_reproduces_the_quantized_target(tmp_path, precision, kernel_path, monkeypatch):
-    """A quantized target verifies a tree in one pass: q4's PyTorch kernel and the native
-    kernels on each dispatch path (gguf; a Hugging Face folder converts to Q8_0 blocks)
-    compute each row on their own, so verification gives what decoding gives and greedy
-    speculation stays exact."""
-    if kernel_path:
+    """A quantized target verifies a tree in one pass: q4's and int8's PyTorch kernels and the
+    native kernels on each dispatch path (gguf; a Hugging Face folder converts to Q8_0 blocks)
+    compute each row on their own, and so does attention (native, or float64 without the
+    library), so verification gives what decoding gives and greedy speculation stays exact."""
+    if kernel_path == "no-library":
+        monkeypatch.setattr("llmcad.kernels.available", lambda: False)
+    elif kernel_path:
         monkeypatch.setenv(kernels.PATH_ENV, kernel_path)
     target = make_tiny_hf(tmp_path / "target", "qwen2", seed=3)
     draft = make_tiny_hf(tmp_path / "draft", "qwen2", seed=3, noise=0.03)
