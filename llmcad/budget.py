@@ -18,6 +18,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from llmcad import kernels
 from llmcad.config import ModelConfig
 from llmcad.errors import BudgetTooSmall, LlmcadError
 
@@ -191,8 +192,9 @@ def plan_memory(
     """Decide what of the target stays resident under `budget` (None: everything)."""
     n = config.num_layers
     separate_embed = 0 if config.tie_word_embeddings else embed_bytes
-    # a streamed head chunk holds whole tiles of the native kernels' layout: a multiple of 16 rows
-    rows_per_chunk = max(16, layer_bytes * config.vocab_size // max(1, head_bytes) // 16 * 16)
+    # a streamed head chunk holds whole tiles of the native kernels' layout
+    tile = kernels.TILE_COLUMNS
+    rows_per_chunk = max(tile, layer_bytes * config.vocab_size // max(1, head_bytes) // tile * tile)
     common = dict(budget=budget, runtime=runtime, draft=draft, kv_cache=kv_cache, activations=activations,
                   layer_bytes=layer_bytes, head_bytes=head_bytes, num_layers=n, head_rows_per_chunk=rows_per_chunk)
     everything = MemoryPlan(**common, embed_bytes=separate_embed, resident_layers=tuple(range(n)),

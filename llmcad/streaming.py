@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from llmcad import kernels
 from llmcad.budget import MemoryPlan
 from llmcad.errors import LlmcadError
 from llmcad.model import Block, RMSNorm, Transformer
@@ -413,8 +414,12 @@ def _matrix_name(layout: Layout) -> str:
 
 
 def _head_unit(path: Path, layout: Layout, start: int, stop: int) -> Unit:
-    """Rows start:stop of the head: weight rows at buffer offset 0, then their scales."""
-    dtype, (_, dim), w_start, _ = layout.tensors[_matrix_name(layout)]
+    """Rows start:stop of the head: weight rows at buffer offset 0, then their scales. A
+    matrix packed for the native kernels is cut only between its tiles."""
+    name = _matrix_name(layout)
+    if name in kernels.QTYPES and start % kernels.TILE_COLUMNS:
+        raise ValueError(f"a streamed head chunk starting at row {start} would cut a {kernels.TILE_COLUMNS}-row tile of the packed {name} head")
+    dtype, (_, dim), w_start, _ = layout.tensors[name]
     row = dim * dtype.itemsize
     ranges = [(w_start + start * row, (stop - start) * row, 0)]
     if "scale" in layout.tensors:

@@ -23,8 +23,9 @@ from llmcad.errors import LlmcadError
 from llmcad.generate import autoregressive
 from llmcad.model import KVCache
 from llmcad.sampling import Sampler, SamplingParams
-from llmcad.store import LayerStore, convert, ensure_store
-from llmcad.streaming import BLOCK, StreamedTransformer, Unit, aligned_buffer, can_read_directly, read_unit
+from llmcad import kernels
+from llmcad.store import Layout, LayerStore, convert, ensure_store
+from llmcad.streaming import BLOCK, StreamedTransformer, Unit, _head_unit, aligned_buffer, can_read_directly, read_unit
 from llmcad.timeline import TIMELINE
 from llmcad.weights import load_model, open_checkpoint
 from tests.cgroup import cgroup_unavailable, minimum_budget, run_limited
@@ -453,3 +454,18 @@ def test_default_target_streamed_equals_resident(precision, streamed_mb):
         # streamed, not resident: every pass read its streamed part (the first units were read ahead before the count)
         assert per_pass > streamed_mb * MB and out["stats"]["bytes_read"] >= (out["stats"]["target_passes"] - 1) * per_pass
         assert out["tokens"] == tokens
+
+
+def test_a_packed_head_streams_in_whole_tiles(tiny_model, tmp_path):
+    """A head packed for the native kernels is tiles of 16 rows: the planner cuts it into
+    chunks of whole tiles, and a chunk that would start mid-tile is refused (the bytes of
+    rows 8.. are not contiguous there), not read as garbage."""
+    config = open_checkpoint(tiny_model).config
+    for layer_bytes, head_bytes in ((1000, 10_000), (4096, 5000), (1, 10**9)):
+        plan = plan_memory(config, 10**9, layer_bytes=layer_bytes, head_bytes=head_bytes, embed_bytes=0, runtime=0, draft=0, kv_cache=0, activations=0)
+        assert plan.head_rows_per_chunk % kernels.TILE_COLUMNS == 0
+    row = kernels.packed_row_bytes("q6_k", 256)
+    layout = Layout(header=b"", tensors={"q6_k": (torch.uint8, (64, row), 0, 64 * row)}, nbytes=64 * row)
+    assert _head_unit(tmp_path / "head", layout, 16, 48).ranges == ((16 * row, 32 * row, 0),)
+    with pytest.raises(ValueError, match="would cut a 16-row tile"):
+        _head_unit(tmp_path / "head", layout, 8, 40)

@@ -32,6 +32,7 @@ import torch
 QTYPES = {"q4_k": (256, 144, 12), "q6_k": (256, 210, 14), "q8_0": (32, 34, 8), "q5_0": (32, 22, 6)}
 PACKED_BYTES = {"q4_k": 148, "q6_k": 210, "q8_0": 34, "q5_0": 22}  # per column and block, packed
 QTYPE_IDS = {name: i for i, name in enumerate(QTYPES)}  # the library's numbering
+TILE_COLUMNS = 16  # columns (output rows) a packed tile holds: a packed matrix splits only at multiples of it
 PATHS = ("portable", "avx2", "avxvnni", "avx512")
 PATH_ENV = "LLMCAD_KERNEL_PATH"
 
@@ -72,7 +73,8 @@ def _library() -> tuple[ctypes.CDLL | None, str]:
     lib.llmcad_matmul.restype = ctypes.c_int
     lib.llmcad_dequantize.argtypes = [ctypes.c_int, ptr, i64, i64, ptr]
     lib.llmcad_dequantize.restype = ctypes.c_int
-    if not hasattr(lib, "llmcad_attention") or any(lib.llmcad_packed_bytes(QTYPE_IDS[q], QTYPES[q][0]) != PACKED_BYTES[q] for q in QTYPES):
+    current = hasattr(lib, "llmcad_attention") and hasattr(lib, "llmcad_tile_columns") and lib.llmcad_tile_columns() == TILE_COLUMNS
+    if not current or any(lib.llmcad_packed_bytes(QTYPE_IDS[q], QTYPES[q][0]) != PACKED_BYTES[q] for q in QTYPES):
         return None, f"the native kernel library at {found[0]} is out of date (reinstall: pip install -e .)"
     f32 = ctypes.c_float
     lib.llmcad_attention.argtypes = [ctypes.c_int, ptr, i64, i64, i64, i64, ptr, ptr, i64, i64, ptr, f32, f32, ptr, ctypes.c_int]

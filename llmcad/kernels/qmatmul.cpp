@@ -672,6 +672,9 @@ LLMCAD_API int llmcad_paths() {
   return mask;
 }
 
+// Columns a packed tile holds: a packed matrix splits into whole tiles only at multiples of it.
+LLMCAD_API int llmcad_tile_columns() { return TILE; }
+
 // Bytes of one column of k weights of `qtype`, packed (0 for a bad type or k).
 LLMCAD_API int64_t llmcad_packed_bytes(int qtype, int64_t k) {
   if (qtype < Q4_K || qtype > Q5_0 || k <= 0 || k % FORMATS[qtype].block) return 0;
