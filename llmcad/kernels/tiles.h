@@ -92,15 +92,25 @@ void dot_rows(typename V::Ints* dot, const typename V::Bytes* w, int first, int 
     for (int r = 0; r < R; ++r) dot[r] = wide ? V::wide_dot(dot[r], w[e], x.q[r] + at + 4 * e) : V::dot(dot[r], w[e], x.q[r] + at + 4 * e);
 }
 
-template <class V, int R>
-void q4_k_rows(const uint8_t* tiles, int64_t blocks, const Activations& a, int64_t r0, float* out) {
-  constexpr int BYTES = TILE * packed_bytes(Q4_K);
-  const Rows<R> x(a, r0);
+// The walk the K-quant kernels share: R rows' float sums over the blocks of one column group,
+// `add_block(t, blk, acc)` adding block blk (its tile at t) to them; out[R][TILE].
+template <class V, int R, int QTYPE, class AddBlock>
+void walk_blocks(const uint8_t* tiles, int64_t blocks, float* out, AddBlock add_block) {
+  constexpr int BYTES = TILE * packed_bytes(QTYPE);
   typename V::Floats acc[R];
   for (int r = 0; r < R; ++r) acc[r] = V::fzero();
   for (int64_t blk = 0; blk < blocks; ++blk) {
     const uint8_t* t = tiles + blk * BYTES;
     V::prefetch(t + PREFETCH, BYTES);
+    add_block(t, blk, acc);
+  }
+  for (int r = 0; r < R; ++r) V::store(out + TILE * r, acc[r]);
+}
+
+template <class V, int R>
+void q4_k_rows(const uint8_t* tiles, int64_t blocks, const Activations& a, int64_t r0, float* out) {
+  const Rows<R> x(a, r0);
+  walk_blocks<V, R, Q4_K>(tiles, blocks, out, [&](const uint8_t* t, int64_t blk, typename V::Floats* acc) {
     typename V::Ints sums[R], dot[R];
     for (int r = 0; r < R; ++r) sums[r] = V::set(0);
     for (int s = 0; s < 8; ++s) {  // sub-blocks of 32 weights
@@ -124,8 +134,7 @@ void q4_k_rows(const uint8_t* tiles, int64_t blocks, const Activations& a, int64
       const typename V::Floats v = V::fnmadd(dmin, V::cvt(offs), V::fmul(d, V::cvt(sums[r])));
       acc[r] = V::fmadd(v, V::fset(x.d[r][blk]), acc[r]);
     }
-  }
-  for (int r = 0; r < R; ++r) V::store(out + TILE * r, acc[r]);
+  });
 }
 
 // Bits 2t, 2t+1 of each byte of Q6_K's high-bit element, moved to bits 4, 5.
@@ -136,13 +145,8 @@ typename V::Bytes q6_high(typename V::Bytes h, int t) {
 
 template <class V, int R>
 void q6_k_rows(const uint8_t* tiles, int64_t blocks, const Activations& a, int64_t r0, float* out) {
-  constexpr int BYTES = TILE * packed_bytes(Q6_K);
   const Rows<R> x(a, r0);
-  typename V::Floats acc[R];
-  for (int r = 0; r < R; ++r) acc[r] = V::fzero();
-  for (int64_t blk = 0; blk < blocks; ++blk) {
-    const uint8_t* t = tiles + blk * BYTES;
-    V::prefetch(t + PREFETCH, BYTES);
+  walk_blocks<V, R, Q6_K>(tiles, blocks, out, [&](const uint8_t* t, int64_t blk, typename V::Floats* acc) {
     typename V::Ints sums[R], dot0[R], dot1[R];
     for (int r = 0; r < R; ++r) sums[r] = V::set(0);
     for (int j = 0; j < 8; ++j) {  // pairs of sub-blocks of 16 weights
@@ -168,8 +172,7 @@ void q6_k_rows(const uint8_t* tiles, int64_t blocks, const Activations& a, int64
     }
     const typename V::Floats d = V::halves(t + TILE * field_offset(Q6_K, D));
     for (int r = 0; r < R; ++r) acc[r] = V::fmadd(V::fmul(d, V::cvt(sums[r])), V::fset(x.d[r][blk]), acc[r]);
-  }
-  for (int r = 0; r < R; ++r) V::store(out + TILE * r, acc[r]);
+  });
 }
 
 // Q8_0 and Q5_0: blocks of 32 weights, each with its own scale; the activations' scale
