@@ -154,14 +154,19 @@ def pack(blocks: torch.Tensor, qtype: str, cols: int) -> torch.Tensor:
     return out
 
 
+def _check_packed(packed: torch.Tensor, qtype: str, cols: int) -> None:
+    """`packed` must be a contiguous matrix from `pack` of `cols` weights a column."""
+    if packed.shape[1] != packed_row_bytes(qtype, cols) or not fits(qtype, cols) or not packed.is_contiguous():
+        raise ValueError(f"packed {qtype} columns of {packed.shape[1]} bytes do not hold {cols} weights")
+
+
 def matmul(x: torch.Tensor, packed: torch.Tensor, qtype: str, path: str | None = None) -> torch.Tensor:
     """x [M, K] float32 times the [N, K] matrix held as `packed` (uint8 [N, packed_row_bytes], from `pack`) -> [M, N]."""
     lib = _checked_library()
     x = x.contiguous().float()
     rows, cols = x.shape
     out = packed.shape[0]
-    if packed.shape[1] != packed_row_bytes(qtype, cols) or not fits(qtype, cols) or not packed.is_contiguous():
-        raise ValueError(f"packed {qtype} columns of {packed.shape[1]} bytes do not hold {cols} weights")
+    _check_packed(packed, qtype, cols)
     y = torch.empty(rows, out)
     if rows == 0 or out == 0:
         return y
@@ -176,8 +181,7 @@ def dequantize(packed: torch.Tensor, qtype: str, cols: int) -> torch.Tensor:
     """The weights held as `packed` (from `pack`) as float32 [N, cols]."""
     lib = _checked_library()
     packed = packed.contiguous()
-    if packed.shape[1] != packed_row_bytes(qtype, cols) or not fits(qtype, cols):
-        raise ValueError(f"packed {qtype} columns of {packed.shape[1]} bytes do not hold {cols} weights")
+    _check_packed(packed, qtype, cols)
     out = torch.empty(packed.shape[0], cols)
     if packed.shape[0] and lib.llmcad_dequantize(QTYPE_IDS[qtype], packed.data_ptr(), packed.shape[0], cols, out.data_ptr()):
         raise ValueError(f"llmcad_dequantize refused {qtype} [{packed.shape[0]}, {cols}]")
