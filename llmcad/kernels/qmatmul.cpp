@@ -650,6 +650,17 @@ void run_parts(int parts, const std::function<void(int)>& fn) {
   }
 }
 
+// items [0, count) split into up to `threads` contiguous ranges, part(i0, i1) run for each.
+template <class Part>
+void run_split(int64_t count, int threads, Part part) {
+  const int parts = (int)std::max<int64_t>(1, std::min<int64_t>(threads, count));
+  const int64_t per = (count + parts - 1) / parts;
+  run_parts(parts, [&](int i) {
+    const int64_t i0 = i * per, i1 = std::min(count, i0 + per);
+    if (i0 < i1) part(i0, i1);
+  });
+}
+
 }  // namespace
 
 extern "C" {
@@ -707,13 +718,7 @@ LLMCAD_API int llmcad_matmul(int path, int qtype, const uint8_t* w, int64_t n, i
   const Kernels kernels = kernels_for(path);
   kernels.quantize(x, m, k, a);
   Job job{qtype, w, n, &a, y};
-  const int64_t groups = (n + TILE - 1) / TILE;
-  int parts = (int)std::max<int64_t>(1, std::min<int64_t>(threads, groups));
-  int64_t per = (groups + parts - 1) / parts;
-  run_parts(parts, [&](int i) {
-    int64_t g0 = i * per, g1 = std::min(groups, g0 + per);
-    if (g0 < g1) kernels.columns(job, g0, g1);
-  });
+  run_split((n + TILE - 1) / TILE, threads, [&](int64_t g0, int64_t g1) { kernels.columns(job, g0, g1); });
   return 0;
 }
 
@@ -729,13 +734,7 @@ LLMCAD_API int llmcad_attention(int path, const float* q, int64_t rows, int64_t 
     return -1;
   const AttentionJob job{q, k, v, mask, rows, heads, kv_heads, dim, slots, capacity, scale, softcap, out};
   const Kernels kernels = kernels_for(path);
-  const int64_t items = rows * heads;
-  const int parts = (int)std::max<int64_t>(1, std::min<int64_t>(threads, items));
-  const int64_t per = (items + parts - 1) / parts;
-  run_parts(parts, [&](int i) {
-    const int64_t i0 = i * per, i1 = std::min(items, i0 + per);
-    if (i0 < i1) kernels.attend(job, i0, i1);
-  });
+  run_split(rows * heads, threads, [&](int64_t i0, int64_t i1) { kernels.attend(job, i0, i1); });
   return 0;
 }
 
