@@ -18,6 +18,7 @@ from llmcad.quant import PRECISIONS
 
 PRECISION_HELP = (
     "compute and storage precision: gguf (a GGUF's own quantized blocks on the native kernels; other sources in Q8_0), "
+    "q4_0 (the native kernels in 4-bit blocks: Q4_K kept, every other matrix requantized to Q4_0), "
     "q4 (PyTorch's 4-bit kernel), int8, fp32 (default: %(default)s)"
 )
 
@@ -115,7 +116,7 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mode", choices=MODES, default=None, help="ar: target alone; sd: linear draft; tree: token tree with fixed limits; llmcad: token tree grown until the fallback policy says verify (default: llmcad with a draft, else ar)")
     parser.add_argument("--fallback", choices=FALLBACKS, default=DEFAULT_FALLBACK, help="llmcad: when to stop drafting and verify; fixed: at the tree limits, llmcad: tree confidence against a self-adjusting threshold, cost: when expected accepted tokens per second would fall (default: %(default)s)")
     parser.add_argument("--precision", choices=(AUTO, *PRECISIONS), default=AUTO, help="target " + PRECISION_HELP)
-    parser.add_argument("--draft-precision", choices=(AUTO, *PRECISIONS), default=AUTO, help="draft " + PRECISION_HELP.replace("(default: %(default)s)", "(default: the target's)"))
+    parser.add_argument("--draft-precision", choices=(AUTO, *PRECISIONS), default=AUTO, help="draft " + PRECISION_HELP.replace("(default: %(default)s)", "(default: the target's, q4_0 beside gguf)"))
     parser.add_argument("--draft-vocab", type=int, default=0, metavar="N", help="the draft proposes only the first N token ids and the special tokens: a smaller, faster draft head, fewer tokens accepted (default: 0, every token)")
     parser.add_argument("--memory-budget", default=AUTO, metavar="SIZE", help="memory for the whole process, e.g. 1.5GB or 1000MB: the target is streamed from storage, keeping resident what fits; 'none': no limit (default: auto, the memory available to this process, MemAvailable or its memory cgroup's limit, less 10%%)")
     parser.add_argument("--keep-page-cache", action="store_true", help="leave streamed pages in the OS page cache (default: drop them after use, as a device without spare RAM would)")

@@ -18,7 +18,7 @@ from llmcad.errors import BudgetTooSmall, LlmcadError
 from llmcad.generate import Generation, GenerationStats, Piece, autoregressive, stream_text
 from llmcad.hub import DEFAULT_TARGET, paired_draft, resolve_model
 from llmcad.model import ROW_CHUNK, KVCache, Transformer
-from llmcad.quant import convert_submodule, vocab_precision
+from llmcad.quant import BLOCKS_OF, convert_submodule, vocab_precision
 from llmcad.sampling import Sampler, SamplingParams
 from llmcad.fallback import FALLBACKS, Fallback, TreeLimits, make_fallback
 from llmcad.speculative import SpeculativeDecoder
@@ -41,6 +41,15 @@ TREE_SLOTS_UNDER_BUDGET = 32
 EXTEND_PASSES = 3  # with the pipeline on: draft passes growing the tree on while the target verifies it
 DRAFT_ROWS = 16  # most nodes in one draft pass (TreeLimits.batch)
 DEFAULT_FALLBACK = "cost"  # the fastest by measurement (bench/e2e.py; docs/ARCHITECTURE.md)
+
+
+def draft_precision_for(precision: str) -> str:
+    """The draft's precision where none is given: the target's, but q4_0 beside a gguf target.
+    A draft's precision changes speed, never output; in 4-bit blocks the default draft takes
+    279 MB instead of its file's 393 MB (its Q8_0 head and Q5_0/Q6_K matrices requantized),
+    memory a budget gives to target layers, and its passes read that much less, for the same
+    tokens per verification (docs/ARCHITECTURE.md)."""
+    return "q4_0" if precision == "gguf" else precision
 
 
 def default_limits(mode: str, tree_slots: int) -> TreeLimits | None:
@@ -125,7 +134,7 @@ class Engine:
 
         Defaults ("auto"): the draft paired with a target alias (`hub.PAIRS`; None: no
         draft); precision gguf where the native kernels built, else int8, or q4 when the
-        budget cannot hold int8 (the draft's follows the target's); the memory budget the
+        budget cannot hold int8 (the draft's: `draft_precision_for`); the memory budget the
         memory available to this process (`budget.auto_budget`: MemAvailable or its memory
         cgroup's limit, less a headroom), so that the target streams where it does not fit
         and is wholly resident where it does.
@@ -155,16 +164,17 @@ class Engine:
             candidates = ["int8", "q4"]
         for p in candidates[:-1]:
             try:
-                return cls._load(target, precision=p, draft_precision=p if draft_precision == AUTO else draft_precision, **options)
+                return cls._load(target, precision=p, draft_precision=draft_precision_for(p) if draft_precision == AUTO else draft_precision, **options)
             except BudgetTooSmall:
                 pass  # the next is tried once this attempt's frames (a loaded draft) are gone
         p = candidates[-1]
-        return cls._load(target, precision=p, draft_precision=p if draft_precision == AUTO else draft_precision, **options)
+        return cls._load(target, precision=p, draft_precision=draft_precision_for(p) if draft_precision == AUTO else draft_precision, **options)
 
     @classmethod
     def _load(cls, target, *, draft, mode, precision, draft_precision, max_context, memory_budget, keep_page_cache, fallback, draft_vocab, progress) -> Engine:
-        if "gguf" in (precision, draft_precision if draft is not None else None) and not kernels.available():
-            raise LlmcadError(f"precision gguf needs the native kernels: {kernels.unavailable_reason()}")
+        native = {precision, draft_precision if draft is not None else None} & set(BLOCKS_OF)
+        if native and not kernels.available():
+            raise LlmcadError(f"precision {' and '.join(sorted(native))} needs the native kernels: {kernels.unavailable_reason()}")
         if memory_budget is not None:
             return_large_blocks_at_once()
         store = open_store(target, precision, progress)
@@ -233,7 +243,7 @@ class Engine:
                 break
             except BudgetTooSmall as e:
                 if context == contexts[-1]:
-                    small = {"q4", "gguf"}  # the 4-bit precisions (gguf: a Q4_K_M file's 4-6-bit blocks)
+                    small = {"q4", "gguf", "q4_0"}  # the 4-bit precisions (gguf: a Q4_K_M file's 4-6-bit blocks)
                     smallest = store.precision in small and (draft is None or draft_precision in small)
                     hint = "" if smallest else ", or store the models in 4-bit blocks (--precision gguf --draft-precision gguf)"
                     raise BudgetTooSmall(f"{e}{hint}" + (f" ({budget_note})" if budget_note.startswith("auto") else ""), e.minimum) from None

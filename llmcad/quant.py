@@ -46,7 +46,11 @@ from torch import nn
 
 from llmcad import kernels
 
-PRECISIONS = ("fp32", "int8", "q4", "gguf")
+PRECISIONS = ("fp32", "int8", "q4", "gguf", "q4_0")
+# the precisions the native kernels compute: the GGUF blocks each keeps as they are, and the
+# format it quantizes any other matrix to
+KEPT_BLOCKS = {"gguf": tuple(kernels.QTYPES), "q4_0": ("q4_k", "q4_0")}
+BLOCKS_OF = {"gguf": "q8_0", "q4_0": "q4_0"}
 Q4_GROUP = 32  # input columns sharing one 4-bit scale and offset (a Q4_K sub-block)
 
 
@@ -184,25 +188,40 @@ class QuantLinear(nn.Module):
         return y.view(*shape[:-1], self.out_features)
 
 
-def quantize_q8_0(weight: torch.Tensor) -> torch.Tensor:
-    """GGUF Q8_0 blocks (uint8 [rows, cols / 32 * 34]) of an fp32 matrix, by the `gguf` package."""
-    from gguf import GGMLQuantizationType
-    from gguf.quants import quantize
+def quantize_blocks(weight: torch.Tensor | QuantBlocks, qtype: str, chunk: int = 8192) -> torch.Tensor:
+    """GGUF blocks of `qtype` (q8_0 by the `gguf` package, q4_0 by the native quantizer, both
+    ggml's reference arithmetic) for a float matrix or another format's blocks, `chunk` rows
+    at a time, so a 150k-row head needs no full-size float copy."""
+    rows, cols = weight.shape
+    out = torch.empty(rows, kernels.row_bytes(qtype, cols), dtype=torch.uint8)
+    for start in range(0, rows, chunk):
+        part = slice(start, start + chunk)
+        if isinstance(weight, QuantBlocks):
+            dense = kernels.dequantize(kernels.pack(weight.data[part], weight.qtype, cols), weight.qtype, cols)
+        else:
+            dense = weight[part].float()
+        if qtype == "q8_0":
+            from gguf import GGMLQuantizationType
+            from gguf.quants import quantize
 
-    return torch.from_numpy(np.ascontiguousarray(quantize(weight.float().numpy(), GGMLQuantizationType.Q8_0)))
+            out[part] = torch.from_numpy(np.ascontiguousarray(quantize(dense.numpy(), GGMLQuantizationType.Q8_0)))
+        else:
+            out[part] = kernels.quantize(dense, qtype)
+    return out
 
 
 def linear_tensors(weight: torch.Tensor | QuantBlocks, bias: torch.Tensor | None, precision: str) -> dict[str, torch.Tensor]:
     """A linear layer's tensors as stored in `precision` (names relative to the layer):
     fp32 `weight`; int8 `weight` + `scale`; q4 `qweight` + `qscales` (int8 where the 4-bit
-    kernel does not take the shape); gguf the blocks, packed for the native kernels, under
-    their type's name (`q4_k`, ...: a GGUF matrix's own, else Q8_0, else int8 where Q8_0 does
-    not take the shape); `bias` in fp32 when there is one. `weight` may be GGUF blocks
-    (`QuantBlocks`)."""
-    if precision == "gguf" and isinstance(weight, QuantBlocks):
+    kernel does not take the shape); gguf and q4_0 blocks packed for the native kernels under
+    their type's name (`q4_k`, ...): gguf a GGUF matrix's own blocks, q4_0 those in 4-bit
+    blocks already (`KEPT_BLOCKS`); any other matrix requantized to `BLOCKS_OF[precision]`,
+    or int8 where that does not take the shape; `bias` in fp32 when there is one. `weight`
+    may be GGUF blocks (`QuantBlocks`)."""
+    if isinstance(weight, QuantBlocks) and weight.qtype in KEPT_BLOCKS.get(precision, ()):
         out = {weight.qtype: kernels.pack(weight.data, weight.qtype, weight.cols)}
-    elif precision == "gguf" and kernels.fits("q8_0", weight.shape[1]):
-        out = {"q8_0": kernels.pack(quantize_q8_0(weight.float()), "q8_0", weight.shape[1])}
+    elif precision in BLOCKS_OF and kernels.fits(qtype := BLOCKS_OF[precision], weight.shape[1]):
+        out = {qtype: kernels.pack(quantize_blocks(weight, qtype), qtype, weight.shape[1])}
     else:
         out = _unpacked_linear_tensors(weight.float(), precision)
     if bias is not None:
@@ -213,7 +232,7 @@ def linear_tensors(weight: torch.Tensor | QuantBlocks, bias: torch.Tensor | None
 def _unpacked_linear_tensors(weight: torch.Tensor, precision: str) -> dict[str, torch.Tensor]:
     if precision == "q4" and q4_fits(weight):
         return dict(zip(("qweight", "qscales"), quantize_q4(weight)))
-    if precision in ("int8", "q4", "gguf"):
+    if precision != "fp32":
         return dict(zip(("weight", "scale"), quantize_rows(weight)))
     return {"weight": weight}
 
@@ -246,8 +265,8 @@ class FloatLinear(nn.Module):
 
 def vocab_precision(precision: str) -> str:
     """The precision of the vocabulary matrices (embedding, output head): q4 keeps them
-    int8; gguf keeps the embedding int8 (an untied head keeps its GGUF blocks)."""
-    return "int8" if precision in ("q4", "gguf") else precision
+    int8; gguf and q4_0 keep the embedding int8 (an untied GGUF head is in their blocks)."""
+    return "int8" if precision in ("q4", *BLOCKS_OF) else precision
 
 
 def to_precision(module: nn.Module, precision: str) -> nn.Module:

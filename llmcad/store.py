@@ -45,7 +45,7 @@ from tqdm import tqdm
 from llmcad.config import ModelConfig
 from llmcad.errors import LlmcadError
 from llmcad.model import Block
-from llmcad.quant import PRECISIONS, QuantBlocks, linear_tensors, vocab_precision
+from llmcad.quant import BLOCKS_OF, PRECISIONS, QuantBlocks, linear_tensors, vocab_precision
 from llmcad.tokenizer import Tokenizer
 from llmcad.weights import IGNORED_HF_TENSORS, Checkpoint, open_checkpoint, source_bytes, vocab_rows
 
@@ -362,7 +362,7 @@ def _convert_into(ckpt: Checkpoint, folder: Path, precision: str, progress: bool
     seen_norm = False
     bar = tqdm(total=config.num_layers + 2, desc=f"converting {ckpt.path.name} to {precision}", unit="file", disable=not progress)
     with bar:
-        for name, tensor in ckpt.tensors(skip=matrices, blocks=precision == "gguf"):
+        for name, tensor in ckpt.tensors(skip=matrices, blocks=precision in BLOCKS_OF):
             if name.endswith(IGNORED_HF_TENSORS):
                 continue
             if name == "norm.weight":
@@ -404,10 +404,10 @@ def _write_matrix(ckpt: Checkpoint, name: str, path: Path, precision: str) -> di
     int8 the per-row `scale`; a gguf head as its GGUF blocks (under its type's name, packed
     for the kernels) where the kernels compute them."""
     rows, cols = ckpt.config.vocab_size, ckpt.config.hidden_size
-    blocks = ckpt.blocks(name) if precision == "gguf" and name == "lm_head.weight" else None
+    blocks = ckpt.blocks(name) if precision in BLOCKS_OF and name == "lm_head.weight" else None
     if blocks is not None:
-        packed = linear_tensors(blocks, None, precision)[blocks.qtype]
-        return write_safetensors(path, [(blocks.qtype, torch.uint8, tuple(packed.shape))], [packed])
+        ((qtype, packed),) = linear_tensors(blocks, None, precision).items()
+        return write_safetensors(path, [(qtype, torch.uint8, tuple(packed.shape))], [packed])
     scales: list[torch.Tensor] = []
 
     def chunks() -> Iterator[torch.Tensor]:

@@ -25,6 +25,7 @@ from llmcad.gguf_file import GGUFFile, GGUFTensor, dequantize_tensor, read_tenso
 from llmcad.kernels import QTYPES
 from llmcad.model import Block, Transformer
 from llmcad.quant import (
+    BLOCKS_OF,
     PRECISIONS,
     FloatLinear,
     Int8Embedding,
@@ -226,7 +227,7 @@ def load_model(
         if shared:
             model.lm_head = tied_head(model.embed_tokens)  # one copy of the shared matrix
         else:
-            blocks = ckpt.blocks(head_name, head_ids) if precision == "gguf" else None
+            blocks = ckpt.blocks(head_name, head_ids) if precision in BLOCKS_OF else None
             head = linear_from(linear_tensors(blocks, None, precision)) if blocks else _vocab_matrix(ckpt, head_name, precision, as_head=True, ids=head_ids)
             model.lm_head = head if head_ids is None else VocabularySubsetHead(head, torch.tensor(head_ids), config.vocab_size)
         if logits_width is not None and logits_width != config.vocab_size:
@@ -235,7 +236,7 @@ def load_model(
                 model.embed_tokens = ZeroPastEmbedding(model.embed_tokens, config.vocab_size, config.hidden_size)
         bar.update(len(VOCAB_MATRICES) - config.tie_word_embeddings)
         linears: dict[str, dict[str, torch.Tensor | QuantBlocks]] = {}  # a linear's tensors until it has all
-        for name, tensor in ckpt.tensors(skip=VOCAB_MATRICES, blocks=precision == "gguf"):
+        for name, tensor in ckpt.tensors(skip=VOCAB_MATRICES, blocks=precision in BLOCKS_OF):
             bar.update()
             if not name.endswith(IGNORED_HF_TENSORS):
                 _assign(model, name, tensor, precision, ckpt.path, linears)

@@ -25,6 +25,28 @@ CHAT_TEMPLATE = (
 )
 
 
+def random_blocks(qtype: str, rows: int, cols: int, seed: int = 0) -> torch.Tensor:
+    """A matrix in GGUF's blocks of `qtype` (a `llmcad.kernels.QTYPES` name): the gguf package's own quantizer where it has one, else random
+    codes and scales (every bit pattern of the codes is a valid block)."""
+    from gguf import GGMLQuantizationType
+    from gguf.quants import quantize
+
+    from llmcad import kernels
+
+    rng = np.random.default_rng(seed)
+    kind = GGMLQuantizationType(kernels.QTYPES[qtype][2])
+    if qtype in ("q8_0", "q5_0", "q4_0"):
+        return torch.from_numpy(np.ascontiguousarray(quantize(rng.standard_normal((rows, cols)).astype(np.float32) * 0.02, kind)))
+    block, nbytes, _ = kernels.QTYPES[qtype]
+    raw = rng.integers(0, 256, (rows, cols // block, nbytes), dtype=np.uint8)
+    scales = lambda: (rng.random((rows, cols // block)) * 0.01 + 0.001).astype(np.float16).view(np.uint8).reshape(rows, -1, 2)
+    if qtype == "q4_k":
+        raw[..., 0:2], raw[..., 2:4] = scales(), scales()  # d, dmin
+    else:
+        raw[..., 208:210] = scales()  # q6_k's d
+    return torch.from_numpy(raw.reshape(rows, -1))
+
+
 def train_tokenizer(folder: Path, vocab_size: int = 320) -> int:
     """A byte-level BPE tokenizer (Qwen2-style special tokens); returns its vocabulary size."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers

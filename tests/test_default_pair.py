@@ -1,6 +1,6 @@
 """The default pair (Qwen2.5-Coder 0.5B drafting for 1.5B, fetched on first use) in the
-default precision, gguf (the files' own Q4_K, Q6_K, Q5_0 and Q8_0 blocks on the native
-kernels): greedy `sd`, `tree` and `llmcad` (both adaptive fallbacks, pipeline on) produce
+default precisions (the target in gguf, the file's own Q4_K and Q6_K blocks on the native
+kernels; the draft in q4_0, its Q5_0, Q6_K and Q8_0 matrices requantized to Q4_0): greedy `sd`, `tree` and `llmcad` (both adaptive fallbacks, pipeline on) produce
 exactly the target's own greedy tokens on three prompts, on every kernel dispatch path this
 CPU runs; the pair runs the whole loop inside a tight memory cgroup and still reproduces
 the target."""
@@ -28,7 +28,9 @@ PROMPTS = [
 
 @pytest.fixture(scope="module")
 def engine() -> Engine:
-    return Engine.load(DEFAULT_TARGET, draft=DEFAULT_DRAFT, precision="gguf", draft_precision="gguf", progress=False)
+    engine = Engine.load(DEFAULT_TARGET, draft=DEFAULT_DRAFT, progress=False)
+    assert (engine.precision, engine.draft.precision) == ("gguf", "q4_0")
+    return engine
 
 
 @pytest.mark.parametrize("prompt", PROMPTS)
@@ -78,7 +80,7 @@ def test_gguf_pair_runs_llmcad_within_a_tight_budget():
     prompt = "def merge_sorted(a, b):"
     with Engine.load(DEFAULT_TARGET, draft=None, precision="gguf", progress=False) as target:
         expected = target.generate(prompt, max_tokens=24, ignore_eos=True).tokens
-    models = ["--target", DEFAULT_TARGET, "--draft", DEFAULT_DRAFT, "--precision", "gguf", "--draft-precision", "gguf"]
+    models = ["--target", DEFAULT_TARGET, "--draft", DEFAULT_DRAFT, "--precision", "gguf"]
     budget = max(1000 * MB, minimum_budget([*models, "--max-tokens", "24"]) + 10 * MB)
     cmd = [sys.executable, "-m", "llmcad.cli", "generate", *models, "--memory-budget", str(budget), "--mode", "llmcad",
            "--max-tokens", "24", "--ignore-eos", "--json", prompt]

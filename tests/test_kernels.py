@@ -13,27 +13,11 @@ from gguf.quants import dequantize as gguf_dequantize
 from gguf.quants import quantize as gguf_quantize
 
 from llmcad import kernels
+from conftest import random_blocks
 
 pytestmark = pytest.mark.skipif(not kernels.available(), reason=kernels.unavailable_reason())
 PATHS = kernels.supported_paths() or ("portable",)
 SHAPES = [(48, 512), (18, 512), (40, 896), (160, 1536)]  # out x in: 18 and 40 end in a narrower tile; 896 = 3.5 super-blocks
-
-
-def random_blocks(qtype: str, rows: int, cols: int, seed: int = 0) -> torch.Tensor:
-    """A matrix in `qtype`: the gguf package's own quantizer where it has one, else random
-    codes and scales (every bit pattern of the codes is a valid block)."""
-    rng = np.random.default_rng(seed)
-    kind = GGMLQuantizationType(kernels.QTYPES[qtype][2])
-    if qtype in ("q8_0", "q5_0"):
-        return torch.from_numpy(np.ascontiguousarray(gguf_quantize(rng.standard_normal((rows, cols)).astype(np.float32) * 0.02, kind)))
-    block, nbytes, _ = kernels.QTYPES[qtype]
-    raw = rng.integers(0, 256, (rows, cols // block, nbytes), dtype=np.uint8)
-    scales = lambda: (rng.random((rows, cols // block)) * 0.01 + 0.001).astype(np.float16).view(np.uint8).reshape(rows, -1, 2)
-    if qtype == "q4_k":
-        raw[..., 0:2], raw[..., 2:4] = scales(), scales()  # d, dmin
-    else:
-        raw[..., 208:210] = scales()  # q6_k's d
-    return torch.from_numpy(raw.reshape(rows, -1))
 
 
 def reference_weights(blocks: torch.Tensor, qtype: str, cols: int) -> torch.Tensor:
@@ -51,6 +35,21 @@ def test_packed_matrix_dequantizes_to_the_gguf_reference(qtype, rows, cols):
     packed = kernels.pack(blocks, qtype, cols)
     assert packed.shape == (rows, kernels.packed_row_bytes(qtype, cols))
     assert torch.equal(kernels.dequantize(packed, qtype, cols), reference_weights(blocks, qtype, cols))
+
+
+def test_q4_0_quantizer_gives_the_gguf_packages_bits():
+    """Blocks of every magnitude from subnormal halves to past the largest half (a scale that
+    rounds to infinity), all-zero and constant blocks, ties in magnitude of either sign."""
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(6000, 64, generator=g) * torch.exp2(torch.randint(-40, 20, (6000, 1), generator=g).float())
+    x[0], x[1], x[2, :32], x[3, 7], x[3, 9] = 0.0, 0.25, -3.0, 5.0, -5.0
+    with np.errstate(over="ignore"):
+        reference = gguf_quantize(x.numpy(), GGMLQuantizationType.Q4_0)
+    assert torch.equal(kernels.quantize(x, "q4_0"), torch.from_numpy(np.ascontiguousarray(reference)))
+    with pytest.raises(ValueError, match="cannot quantize"):
+        kernels.quantize(torch.randn(2, 48), "q4_0")
+    with pytest.raises(ValueError, match="cannot quantize"):
+        kernels.quantize(torch.randn(2, 256), "q4_k")
 
 
 @pytest.mark.parametrize("path", PATHS)

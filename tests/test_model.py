@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from llmcad import kernels
 from llmcad.model import KVCache
 from llmcad.weights import load_model, open_checkpoint
-from conftest import make_tiny_hf, write_gguf
+from conftest import make_tiny_hf, random_blocks, write_gguf
 
 TOL = 1e-4
 
@@ -193,6 +194,26 @@ def test_q4_linear_is_near_fp32_and_falls_back_to_int8_where_the_kernel_cannot()
     # rows not in 16s or columns not in whole groups: int8 instead
     assert isinstance(linear_from(linear_tensors(torch.randn(40, 512), None, "q4")), Int8Linear)
     assert isinstance(linear_from(linear_tensors(torch.randn(64, 100), None, "q4")), Int8Linear)
+
+
+@pytest.mark.skipif(not kernels.available(), reason=kernels.unavailable_reason())
+def test_q4_0_keeps_4_bit_blocks_and_requantizes_the_rest():
+    """Precision q4_0: GGUF Q4_K blocks kept as they are, other formats' blocks (here Q6_K)
+    and float matrices requantized to Q4_0 from their own values, a few rows at a time as one."""
+    from llmcad.quant import QuantBlocks, QuantLinear, linear_from, linear_tensors, quantize_blocks
+
+    x = torch.randn(5, 512, generator=torch.Generator().manual_seed(0))
+    kept = QuantBlocks("q4_k", random_blocks("q4_k", 64, 512), 512)
+    assert torch.equal(linear_tensors(kept, None, "q4_0")["q4_k"], kernels.pack(kept.data, "q4_k", 512))
+    six = QuantBlocks("q6_k", random_blocks("q6_k", 64, 512), 512)
+    source = kernels.dequantize(kernels.pack(six.data, "q6_k", 512), "q6_k", 512)
+    for matrix in (six, source):
+        linear = linear_from(linear_tensors(matrix, None, "q4_0"))
+        assert isinstance(linear, QuantLinear) and linear.qtype == "q4_0"
+        assert torch.equal(linear.blocks, kernels.pack(kernels.quantize(source), "q4_0", 512))
+    assert torch.equal(quantize_blocks(six, "q4_0", chunk=7), kernels.quantize(source))
+    ref = x @ source.t()
+    assert ((linear(x) - ref).norm() / ref.norm()).item() < 0.15  # 4 bits with one scale per 32
 
 
 def test_int8_model_is_close_to_fp32(tiny_model):

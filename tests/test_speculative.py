@@ -71,14 +71,14 @@ def test_greedy_equals_target_alone(pair, ar_tokens, setting):
 
 # (precision, kernel path): "no-library" runs as if the native library had not built, so
 # attention takes its PyTorch float64 fallback
-QUANTIZED = [("q4", None), ("int8", "no-library")] + [("gguf", path) for path in kernels.supported_paths()]
+QUANTIZED = [("q4", None), ("int8", "no-library")] + [(p, path) for p in ("gguf", "q4_0") for path in kernels.supported_paths()]
 
 
 @pytest.mark.parametrize("precision, kernel_path", QUANTIZED, ids=[f"{p}-{k}" if k else p for p, k in QUANTIZED])
 def test_quantized_speculation_reproduces_the_quantized_target(tmp_path, precision, kernel_path, monkeypatch):
     """A quantized target verifies a tree in one pass: q4's and int8's PyTorch kernels and the
-    native kernels on each dispatch path (gguf; a Hugging Face folder converts to Q8_0 blocks)
-    compute each row on their own, and so does attention (native, or float64 without the
+    native kernels on each dispatch path (a Hugging Face folder converts to Q8_0 blocks in gguf,
+    to Q4_0 in q4_0) compute each row on their own, and so does attention (native, or float64 without the
     library), so verification gives what decoding gives and greedy speculation stays exact."""
     if kernel_path == "no-library":
         monkeypatch.setattr("llmcad.kernels.available", lambda: False)

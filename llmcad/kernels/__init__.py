@@ -1,5 +1,5 @@
-"""Native kernels for GGUF's quantized formats: y = x W^T with W in Q4_K, Q6_K, Q8_0 or Q5_0;
-and attention over a KV cache.
+"""Native kernels for GGUF's quantized formats: y = x W^T with W in Q4_K, Q6_K, Q8_0, Q5_0 or
+Q4_0; a Q4_0 quantizer; and attention over a KV cache.
 
 The C++ library (`qmatmul.cpp` with its kernel templates `tiles.h`, built by `pip install` as
 `_qmatmul*.so` beside this file and loaded with ctypes) works on matrices repacked once by
@@ -29,8 +29,8 @@ from pathlib import Path
 import torch
 
 # GGUF block types the kernels compute: (weights per block, bytes per block, ggml type id)
-QTYPES = {"q4_k": (256, 144, 12), "q6_k": (256, 210, 14), "q8_0": (32, 34, 8), "q5_0": (32, 22, 6)}
-PACKED_BYTES = {"q4_k": 148, "q6_k": 210, "q8_0": 34, "q5_0": 22}  # per column and block, packed
+QTYPES = {"q4_k": (256, 144, 12), "q6_k": (256, 210, 14), "q8_0": (32, 34, 8), "q5_0": (32, 22, 6), "q4_0": (32, 18, 2)}
+PACKED_BYTES = {"q4_k": 148, "q6_k": 210, "q8_0": 34, "q5_0": 22, "q4_0": 18}  # per column and block, packed
 QTYPE_IDS = {name: i for i, name in enumerate(QTYPES)}  # the library's numbering
 TILE_COLUMNS = 16  # columns (output rows) a packed tile holds: a packed matrix splits only at multiples of it
 PATHS = ("portable", "avx2", "avxvnni", "avx512")
@@ -73,9 +73,11 @@ def _library() -> tuple[ctypes.CDLL | None, str]:
     lib.llmcad_matmul.restype = ctypes.c_int
     lib.llmcad_dequantize.argtypes = [ctypes.c_int, ptr, i64, i64, ptr]
     lib.llmcad_dequantize.restype = ctypes.c_int
-    current = hasattr(lib, "llmcad_attention") and hasattr(lib, "llmcad_tile_columns") and lib.llmcad_tile_columns() == TILE_COLUMNS
+    current = hasattr(lib, "llmcad_quantize") and hasattr(lib, "llmcad_attention") and hasattr(lib, "llmcad_tile_columns") and lib.llmcad_tile_columns() == TILE_COLUMNS
     if not current or any(lib.llmcad_packed_bytes(QTYPE_IDS[q], QTYPES[q][0]) != PACKED_BYTES[q] for q in QTYPES):
         return None, f"the native kernel library at {found[0]} is out of date (reinstall: pip install -e .)"
+    lib.llmcad_quantize.argtypes = [ctypes.c_int, ptr, i64, i64, ptr]
+    lib.llmcad_quantize.restype = ctypes.c_int
     f32 = ctypes.c_float
     lib.llmcad_attention.argtypes = [ctypes.c_int, ptr, i64, i64, i64, i64, ptr, ptr, i64, i64, ptr, f32, f32, ptr, ctypes.c_int]
     lib.llmcad_attention.restype = ctypes.c_int
@@ -185,6 +187,20 @@ def dequantize(packed: torch.Tensor, qtype: str, cols: int) -> torch.Tensor:
     out = torch.empty(packed.shape[0], cols)
     if packed.shape[0] and lib.llmcad_dequantize(QTYPE_IDS[qtype], packed.data_ptr(), packed.shape[0], cols, out.data_ptr()):
         raise ValueError(f"llmcad_dequantize refused {qtype} [{packed.shape[0]}, {cols}]")
+    return out
+
+
+def quantize(weight: torch.Tensor, qtype: str = "q4_0") -> torch.Tensor:
+    """The GGUF blocks (uint8 [N, row_bytes]) of `qtype` for a float matrix [N, K], as ggml's
+    reference quantizer makes them (the `gguf` package's bits). Only Q4_0."""
+    lib = _checked_library()
+    weight = weight.contiguous().float()
+    rows, cols = weight.shape
+    if qtype != "q4_0" or not fits(qtype, cols):
+        raise ValueError(f"cannot quantize [{rows}, {cols}] to {qtype} (only q4_0, in rows of whole blocks)")
+    out = torch.empty(rows, row_bytes(qtype, cols), dtype=torch.uint8)
+    if rows and lib.llmcad_quantize(QTYPE_IDS[qtype], weight.data_ptr(), rows, cols, out.data_ptr()):
+        raise ValueError(f"llmcad_quantize refused {qtype} [{rows}, {cols}]")
     return out
 
 

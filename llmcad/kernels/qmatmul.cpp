@@ -1,4 +1,4 @@
-// y = x W^T for W in GGUF's quantized formats (Q4_K, Q6_K, Q8_0, Q5_0), on the CPU.
+// y = x W^T for W in GGUF's quantized formats (Q4_K, Q6_K, Q8_0, Q5_0, Q4_0), on the CPU.
 //
 // Layout. A matrix is repacked once, when a model is converted or loaded (llmcad_pack), from
 // GGUF's blocks (one column's 32 or 256 weights) into tiles: a tile holds one block of each of
@@ -9,7 +9,7 @@
 // needed, and a sub-block's scale costs one integer multiply per 32 weights (16 for Q6_K) and
 // column. A decoded tile serves up to 8 activation rows before the next is decoded. Codes are
 // unsigned (Q8_0 stores q + 128); the offsets (Q4_K's mins, Q6_K's -32, Q8_0's -128, Q5_0's
-// -16) apply through sums of the activations. Bytes per weight are GGUF's, except Q4_K: 148
+// -16, Q4_0's -8) apply through sums of the activations. Bytes per weight are GGUF's, except Q4_K: 148
 // bytes per 256 weights instead of 144 (its 6-bit scales and mins unpacked to bytes).
 //
 // Activations: each row is quantized on its own to int8 with one float scale per 256 values
@@ -50,7 +50,7 @@
 
 namespace {
 
-enum QType { Q4_K = 0, Q6_K = 1, Q8_0 = 2, Q5_0 = 3 };
+enum QType { Q4_K = 0, Q6_K = 1, Q8_0 = 2, Q5_0 = 3, Q4_0 = 4 };
 enum Path { PORTABLE = 0, AVX2 = 1, AVXVNNI = 2, AVX512 = 3 };
 
 constexpr int TILE = 16;        // columns interleaved in a tile
@@ -73,15 +73,18 @@ struct Format {
 //       16 x 4 bytes of high bits: bits 2t, 2t+1 of byte b of element i are those of code 16i+4t+b.
 // Q8_0: d, 8 x 4 bytes of codes q + 128 (code 4i+b in byte b of element i).
 // Q5_0: d, 4 bytes of fifth bits (bit 2i+h of byte b: code 8i+4h+b), 4 x 4 bytes of nibbles as Q4_K's.
+// Q4_0: d, 4 x 4 bytes of nibbles as Q4_K's.
 enum { D = 0, DMIN = 1, SC = 2, MN = 3, Q4_QS = 4 };  // Q4_K fields
 enum { Q6_SC = 1, Q6_QS = 2, Q6_QH = 3 };             // Q6_K fields
 enum { Q8_QS = 1 };                                   // Q8_0 fields
 enum { Q5_QH = 1, Q5_QS = 2 };                        // Q5_0 fields
+enum { Q40_QS = 1 };                                  // Q4_0 fields
 constexpr Format FORMATS[] = {
     {256, 144, 5, {{1, 2}, {1, 2}, {8, 1}, {4, 2}, {32, 4}}},
     {256, 210, 4, {{1, 2}, {8, 2}, {32, 4}, {16, 4}}},
     {32, 34, 2, {{1, 2}, {8, 4}}},
     {32, 22, 3, {{1, 2}, {1, 4}, {4, 4}}},
+    {32, 18, 2, {{1, 2}, {4, 4}}},
 };
 
 constexpr int field_offset(int qtype, int field) {  // bytes per column before `field`
@@ -114,13 +117,28 @@ float fp16(uint16_t h) {  // IEEE half -> float, exact
   return f;
 }
 
+uint16_t to_fp16(float f) {  // float -> IEEE half, rounded to nearest even
+  uint32_t x;
+  std::memcpy(&x, &f, 4);
+  const uint32_t sign = (x >> 16) & 0x8000u, ax = x & 0x7fffffffu;
+  if (ax > 0x7f800000u) return sign | 0x7e00u;  // nan
+  if (ax >= 0x477ff000u) return sign | 0x7c00u;  // inf, or rounds past the largest half
+  auto rounded = [](uint32_t man, int drop) {  // man >> drop, to nearest even
+    const uint32_t q = man >> drop, rest = man & ((1u << drop) - 1), half = 1u << (drop - 1);
+    return q + (rest > half || (rest == half && (q & 1)));
+  };
+  if (ax < 0x38800000u)  // a subnormal half (a carry gives the smallest normal one), or zero
+    return ax < 0x33000000u ? sign : sign | rounded((ax & 0x7fffffu) | 0x800000u, 126 - (int)(ax >> 23));
+  return sign | rounded(ax - 0x38000000u, 13);  // exponent rebiased from 127 to 15
+}
+
 // ---- one column's block, unpacked --------------------------------------------------------
 
 struct Block {
   uint16_t d = 0, dmin = 0;  // fp16 bits
   uint8_t sc[16] = {};       // Q4_K: 8 scales; Q6_K: 16 int8 scales (their bytes)
   uint8_t mn[8] = {};        // Q4_K: 8 mins
-  uint8_t u[256] = {};       // unsigned codes: Q4_K 0..15, Q6_K 0..63, Q8_0 q + 128, Q5_0 0..31
+  uint8_t u[256] = {};       // unsigned codes: Q4_K 0..15, Q6_K 0..63, Q8_0 q + 128, Q5_0 0..31, Q4_0 0..15
 };
 
 // Q4_K's eight 6-bit scales and mins (12 bytes) -> sc[8], mn[8], four at a time in 32-bit words.
@@ -160,6 +178,11 @@ void read_gguf(int qtype, const uint8_t* b, Block& o) {
       }
   } else if (qtype == Q8_0) {
     for (int l = 0; l < 32; ++l) o.u[l] = b[2 + l] ^ 0x80;  // int8 q -> q + 128
+  } else if (qtype == Q4_0) {
+    for (int l = 0; l < 16; ++l) {
+      o.u[l] = b[2 + l] & 0xf;
+      o.u[l + 16] = b[2 + l] >> 4;
+    }
   } else {
     uint32_t qh;
     std::memcpy(&qh, b + 2, 4);
@@ -194,6 +217,9 @@ void write_tile(int qtype, const Block& o, uint8_t* t, int width, int c) {
       }
   } else if (qtype == Q8_0) {
     for (int i = 0; i < 8; ++i) std::memcpy(at(Q8_QS, i), o.u + 4 * i, 4);
+  } else if (qtype == Q4_0) {
+    for (int i = 0; i < 4; ++i)
+      for (int b = 0; b < 4; ++b) at(Q40_QS, i)[b] = o.u[8 * i + b] | o.u[8 * i + 4 + b] << 4;
   } else {
     for (int b = 0; b < 4; ++b) {
       uint8_t bits = 0;
@@ -229,6 +255,12 @@ void read_tile(int qtype, const uint8_t* tile, int width, int c, Block& o) {
         for (int s = 0; s < 4; ++s) o.u[16 * i + 4 * s + b] |= ((at(Q6_QH, i)[b] >> (2 * s)) & 3) << 4;
   } else if (qtype == Q8_0) {
     for (int i = 0; i < 8; ++i) std::memcpy(o.u + 4 * i, at(Q8_QS, i), 4);
+  } else if (qtype == Q4_0) {
+    for (int i = 0; i < 4; ++i)
+      for (int b = 0; b < 4; ++b) {
+        o.u[8 * i + b] = at(Q40_QS, i)[b] & 0xf;
+        o.u[8 * i + 4 + b] = at(Q40_QS, i)[b] >> 4;
+      }
   } else {
     for (int i = 0; i < 4; ++i)
       for (int h = 0; h < 2; ++h)
@@ -249,7 +281,7 @@ void dequantize_block(int qtype, const Block& o, float* out) {
       out[i] = d * sc * o.u[i] - d * (32 * sc);
     }
   } else {
-    const int offset = qtype == Q8_0 ? 128 : 16;
+    const int offset = qtype == Q8_0 ? 128 : qtype == Q5_0 ? 16 : 8;
     for (int i = 0; i < 32; ++i) out[i] = d * (o.u[i] - offset);
   }
 }
@@ -688,7 +720,7 @@ LLMCAD_API int llmcad_tile_columns() { return TILE; }
 
 // Bytes of one column of k weights of `qtype`, packed (0 for a bad type or k).
 LLMCAD_API int64_t llmcad_packed_bytes(int qtype, int64_t k) {
-  if (qtype < Q4_K || qtype > Q5_0 || k <= 0 || k % FORMATS[qtype].block) return 0;
+  if (qtype < Q4_K || qtype > Q4_0 || k <= 0 || k % FORMATS[qtype].block) return 0;
   return k / FORMATS[qtype].block * packed_bytes(qtype);
 }
 
@@ -735,6 +767,28 @@ LLMCAD_API int llmcad_attention(int path, const float* q, int64_t rows, int64_t 
   const AttentionJob job{q, k, v, mask, rows, heads, kv_heads, dim, slots, capacity, scale, softcap, out};
   const Kernels kernels = kernels_for(path);
   run_split(rows * heads, threads, [&](int64_t i0, int64_t i1) { kernels.attend(job, i0, i1); });
+  return 0;
+}
+
+// dst = the GGUF blocks (n rows of k / 32 * 18 bytes) of Q4_0 for x[n, k], as ggml's reference
+// quantizer makes them: per block d = the value of largest magnitude / -8, codes
+// min(15, trunc(x / d + 8.5)). Only Q4_0. Returns 0, or -1 for a bad argument.
+LLMCAD_API int llmcad_quantize(int qtype, const float* x, int64_t n, int64_t k, uint8_t* dst) {
+  if (qtype != Q4_0 || !llmcad_packed_bytes(qtype, k) || n <= 0) return -1;
+  for (int64_t b = 0; b < n * k / 32; ++b) {
+    const float* v = x + 32 * b;
+    uint8_t* out = dst + 18 * b;
+    float amax = 0.f, max = 0.f;
+    for (int i = 0; i < 32; ++i)
+      if (amax < std::fabs(v[i])) amax = std::fabs(v[i]), max = v[i];
+    const float d = max / -8.f, id = d != 0.f ? 1.f / d : 0.f;
+    const uint16_t h = to_fp16(d);
+    std::memcpy(out, &h, 2);
+    for (int i = 0; i < 16; ++i) {
+      const int lo = std::min(15, (int)(v[i] * id + 8.5f)), hi = std::min(15, (int)(v[16 + i] * id + 8.5f));
+      out[2 + i] = (uint8_t)(lo | hi << 4);
+    }
+  }
   return 0;
 }
 

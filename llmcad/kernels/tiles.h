@@ -175,11 +175,11 @@ void q6_k_rows(const uint8_t* tiles, int64_t blocks, const Activations& a, int64
   });
 }
 
-// Q8_0 and Q5_0: blocks of 32 weights, each with its own scale; the activations' scale
+// Q8_0, Q5_0 and Q4_0: blocks of 32 weights, each with its own scale; the activations' scale
 // applies once per 8 blocks.
 template <class V, int R, int QTYPE>
 void q32_rows(const uint8_t* tiles, int64_t blocks, const Activations& a, int64_t r0, float* out) {
-  constexpr int BYTES = TILE * packed_bytes(QTYPE), OFFSET = QTYPE == Q8_0 ? 128 : 16;
+  constexpr int BYTES = TILE * packed_bytes(QTYPE), OFFSET = QTYPE == Q8_0 ? 128 : QTYPE == Q5_0 ? 16 : 8;
   const Rows<R> x(a, r0);
   typename V::Floats acc[R], group[R];
   typename V::Ints dot[R];
@@ -192,6 +192,12 @@ void q32_rows(const uint8_t* tiles, int64_t blocks, const Activations& a, int64_
       typename V::Bytes w[8];
       if (QTYPE == Q8_0) {
         for (int e = 0; e < 8; ++e) w[e] = V::load(t + TILE * field_offset(Q8_0, Q8_QS) + 64 * e);
+      } else if (QTYPE == Q4_0) {
+        for (int i = 0; i < 4; ++i) {
+          const typename V::Bytes v = V::load(t + TILE * field_offset(Q4_0, Q40_QS) + 64 * i);
+          w[2 * i] = V::shr_and(v, 0, 0x0f);
+          w[2 * i + 1] = V::shr_and(v, 4, 0x0f);
+        }
       } else {
         const typename V::Bytes high = V::load(t + TILE * field_offset(Q5_0, Q5_QH));
         for (int i = 0; i < 4; ++i) {
@@ -223,7 +229,8 @@ void group_rows(int qtype, int rows, const uint8_t* tiles, int64_t blocks, const
     case Q4_K: return q4_k_rows<V, R>(tiles, blocks, a, r0, out);
     case Q6_K: return q6_k_rows<V, R>(tiles, blocks, a, r0, out);
     case Q8_0: return q32_rows<V, R, Q8_0>(tiles, blocks, a, r0, out);
-    default: return q32_rows<V, R, Q5_0>(tiles, blocks, a, r0, out);
+    case Q5_0: return q32_rows<V, R, Q5_0>(tiles, blocks, a, r0, out);
+    default: return q32_rows<V, R, Q4_0>(tiles, blocks, a, r0, out);
   }
 }
 
