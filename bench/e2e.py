@@ -19,8 +19,8 @@ pass per token, its rate does not change with length.
 
 A mode may carry a variant after "/": a fallback policy (llmcad, cost, fixed; else the
 engine's default) or pipeline (drafting on during verification); and a precision after "@"
-for both models (the engine's default when absent; speedups are over `ar` in the same
-precision). `llama.cpp` is llama.cpp's plain decoding of the target's GGUF, `llama.cpp+draft`
+for both models (the engine's defaults when absent: the target in gguf, the draft in q4_0;
+speedups are over `ar` in the target's precision). `llama.cpp` is llama.cpp's plain decoding of the target's GGUF, `llama.cpp+draft`
 its own speculative decoding with the same draft GGUF (llama-server -md, found as
 bench/llamacpp.py says), in the same cgroup, its server started by a standard-library-only
 wrapper. Budget `none` runs without a cgroup or a memory budget (everything resident).
@@ -68,13 +68,13 @@ def parse_budget(text: str) -> int | None:
 
 def one_run(args: argparse.Namespace) -> None:
     """In the child process: one generation, printed as JSON (stats, per-step figures)."""
-    from llmcad.engine import Engine
+    from llmcad.engine import AUTO, Engine
 
     mode, variant, precision = parse_mode(args.mode)
     fallback = variant if variant in FALLBACKS else DEFAULT_FALLBACK
     draft = None if mode == "ar" else args.draft  # the baseline is the target alone, with the whole budget
     with Engine.load(args.target, draft=draft, memory_budget=parse_budget(args.budget), fallback=fallback, precision=precision,
-                     draft_precision=precision, max_context=args.max_context, progress=False) as engine:
+                     draft_precision=precision if "@" in args.mode else AUTO, max_context=args.max_context, progress=False) as engine:
         ids = engine.chat_prompt([{"role": "user", "content": args.prompt}])
         steps, tokens, final = [], [], None
         pipeline = variant == "pipeline"
