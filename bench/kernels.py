@@ -3,7 +3,7 @@ PyTorch's own int4 and int8 kernels.
 
 One 8960 x 1536 matrix (the default target's FFN gate/up shape; every format takes 1536
 columns) in each GGUF block format the native kernels compute (q4_k, q6_k, q8_0, q5_0,
-random codes), for rows 1, 2, 4, 8, 16, 32, 64 and every dispatch path this CPU runs;
+q4_0, random codes), for rows 1, 2, 4, 8, 16, 32, 64 and every dispatch path this CPU runs;
 beside it PyTorch's `_weight_int4pack_mm_for_cpu` (llmcad's q4: bf16 activations, group
 32) and `_int_mm` with per-row int8 activations (llmcad's int8) on the same shape. Calls are
 interleaved round-robin (every kernel once per round) so machine noise hits all alike; the
@@ -40,7 +40,7 @@ def random_blocks(qtype: str, rows: int, cols: int, rng: np.random.Generator) ->
     block, nbytes, _ = kernels.QTYPES[qtype]
     raw = rng.integers(0, 256, (rows, cols // block, nbytes), dtype=np.uint8)
     scale = lambda: (rng.random((rows, cols // block)) * 0.01 + 0.001).astype(np.float16).view(np.uint8).reshape(rows, -1, 2)
-    at = {"q4_k": (0, 2), "q6_k": (208,), "q8_0": (0,), "q5_0": (0,)}[qtype]
+    at = {"q4_k": (0, 2), "q6_k": (208,), "q8_0": (0,), "q5_0": (0,), "q4_0": (0,)}[qtype]
     for offset in at:
         raw[..., offset : offset + 2] = scale()
     return torch.from_numpy(raw.reshape(rows, -1))

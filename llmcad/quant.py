@@ -33,6 +33,12 @@ model requantizes nothing, its output head included (Q6_K: 190 MB for the 1.5B t
 against 233 MB in int8). A matrix of any other type, or a Hugging Face folder's, is
 quantized to Q8_0. Rows are independent here too (the kernels' per-row bit identity), so
 gguf speculation is exact. The embedding stays int8, as in q4.
+
+q4_0 runs on the same kernels with every matrix in 4-bit blocks: a GGUF's Q4_K blocks are
+kept, every other matrix (Q5_0, Q6_K, Q8_0 blocks, dequantized; or a folder's floats) is
+requantized to Q4_0 (4.5 bits a weight) when the model is loaded or converted. It is the
+default for a draft beside a gguf target: a draft's precision changes only its speed and
+acceptance, never the output, and the default draft takes 279 MB instead of 393.
 """
 
 from __future__ import annotations
