@@ -7,6 +7,7 @@ import os
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -107,6 +108,7 @@ class Engine:
         self.lock = threading.Lock()
         # how the budget was chosen: "none", "given", or auto's account of it
         self.budget_note = budget_note or ("given" if self.plan.budget is not None else "none")
+        self.draft_note: str | None = None  # why a default draft was left out
 
     @classmethod
     def load(
@@ -133,7 +135,8 @@ class Engine:
         "cost", says verify). The default is "llmcad" with a draft, else "ar".
 
         Defaults ("auto"): the draft paired with a target alias (`hub.PAIRS`; None: no
-        draft); precision gguf where the native kernels built, else int8, or q4 when the
+        draft), left out where the budget holds the target but not the pair and `mode` asks
+        for no speculation (`draft_note` says why); precision gguf where the native kernels built, else int8, or q4 when the
         budget cannot hold int8 (the draft's: `draft_precision_for`); the memory budget the
         memory available to this process (`budget.auto_budget`: MemAvailable or its memory
         cgroup's limit, less a headroom), so that the target streams where it does not fit
@@ -150,11 +153,14 @@ class Engine:
         page cache (O_DIRECT, or dropped from it after use) unless `keep_page_cache`. With
         `draft_vocab` the draft proposes only the first `draft_vocab` token ids and the
         special tokens (see `draft_head_ids`)."""
-        if draft == AUTO:
-            draft = paired_draft(target)
+        # a paired draft the budget cannot hold beside the target is left out (the target
+        # alone still runs); one asked for by name, or a speculative mode, is refused instead
+        drafts = [paired_draft(target)] if draft == AUTO else [draft]
+        if draft == AUTO and drafts[0] is not None and mode in (None, "ar"):
+            drafts.append(None)
         if precision == AUTO and isinstance(target, LayerStore):
             precision = target.precision  # a store is computed in its own precision
-        options = dict(draft=draft, mode=mode, max_context=max_context, memory_budget=memory_budget,
+        options = dict(mode=mode, max_context=max_context, memory_budget=memory_budget,
                        keep_page_cache=keep_page_cache, fallback=fallback, draft_vocab=draft_vocab, progress=progress)
         if precision != AUTO:
             candidates = [precision]
@@ -162,13 +168,20 @@ class Engine:
             candidates = [DEFAULT_PRECISION]
         else:  # no native kernels: PyTorch's int8 is faster than its 4-bit kernel, and twice the size
             candidates = ["int8", "q4"]
-        for p in candidates[:-1]:
+        attempts = [(d, p) for d in drafts for p in candidates]
+        pair_minimum = None
+        for i, (d, p) in enumerate(attempts):
             try:
-                return cls._load(target, precision=p, draft_precision=draft_precision_for(p) if draft_precision == AUTO else draft_precision, **options)
-            except BudgetTooSmall:
-                pass  # the next is tried once this attempt's frames (a loaded draft) are gone
-        p = candidates[-1]
-        return cls._load(target, precision=p, draft_precision=draft_precision_for(p) if draft_precision == AUTO else draft_precision, **options)
+                engine = cls._load(target, draft=d, precision=p, draft_precision=draft_precision_for(p) if draft_precision == AUTO else draft_precision, **options)
+            except BudgetTooSmall as e:
+                if i == len(attempts) - 1:
+                    raise
+                if d is not None:
+                    pair_minimum = e.minimum if pair_minimum is None else min(pair_minimum, e.minimum)
+                continue  # the next is tried once this attempt's frames (a loaded draft) are gone
+            if d is None and drafts[0] is not None:
+                engine.draft_note = f"draft {Path(str(drafts[0])).name} left out: the pair needs {pair_minimum / MB:.0f} MB"
+            return engine
 
     @classmethod
     def _load(cls, target, *, draft, mode, precision, draft_precision, max_context, memory_budget, keep_page_cache, fallback, draft_vocab, progress) -> Engine:
@@ -273,6 +286,7 @@ class Engine:
             "precision": self.precision,
             "draft": self.draft.name if self.draft else None,
             "draft_precision": self.draft.precision if self.draft else None,
+            "draft_note": self.draft_note,
             "mode": self.mode,
             "fallback": self.fallback if self.mode == "llmcad" else None,
             "memory_budget": self.plan.budget,
@@ -283,7 +297,7 @@ class Engine:
     def describe(self) -> str:
         """The setup and the memory plan in two lines."""
         plan, draft = self.plan, self.draft
-        models = f"{self.name} ({self.precision})" + (f" + draft {draft.name} ({draft.precision})" if draft else ", no draft")
+        models = f"{self.name} ({self.precision})" + (f" + draft {draft.name} ({draft.precision})" if draft else f", no draft{f' ({self.draft_note})' if self.draft_note else ''}")
         mode = self.mode + (f" (fallback {self.fallback})" if self.mode == "llmcad" else "")
         budget = "no budget" if plan.budget is None else f"budget {plan.budget / MB:.0f} MB ({self.budget_note})"
         if plan.bytes_per_pass:

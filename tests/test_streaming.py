@@ -19,7 +19,7 @@ import torch
 
 from llmcad.budget import AUTO_HEADROOM, HEADROOM, MB, cgroup_memory_limit, MemoryPlan, parse_size, plan_memory
 from llmcad.engine import Engine, map_kernels
-from llmcad.errors import LlmcadError
+from llmcad.errors import BudgetTooSmall, LlmcadError
 from llmcad.generate import autoregressive
 from llmcad.model import KVCache
 from llmcad.sampling import Sampler, SamplingParams
@@ -29,7 +29,7 @@ from llmcad.streaming import BLOCK, StreamedTransformer, Unit, _head_unit, align
 from llmcad.timeline import TIMELINE
 from llmcad.weights import load_model, open_checkpoint
 from tests.cgroup import cgroup_unavailable, minimum_budget, run_limited
-from conftest import smallest_budget
+from conftest import make_tiny_hf, smallest_budget
 
 
 def plan_for(store: LayerStore, resident_layers: tuple[int, ...], head_resident: bool, embed_resident: bool = False) -> MemoryPlan:
@@ -344,6 +344,26 @@ def test_engine_refuses_a_budget_below_its_minimum(tiny_llama):
         with pytest.raises(LlmcadError, match="memory budget 50 MB is below the minimum") as four_bits:
             Engine.load(tiny_llama, memory_budget="50MB", precision=small, progress=False)
         assert "--precision" in str(int8.value) and "--precision" not in str(four_bits.value)
+
+
+def test_a_paired_draft_the_budget_cannot_hold_is_left_out(tiny_llama, tmp_path, fixed_runtime, monkeypatch):
+    """Where the target fits the budget alone but not beside its paired draft, the default
+    loads the target alone and says why; a draft asked for by name, or a speculative mode,
+    is refused with the pair's minimum instead."""
+    draft = make_tiny_hf(tmp_path / "draft", "llama", seed=1, intermediate_size=4096)  # 9 MB in fp32
+    monkeypatch.setattr("llmcad.engine.paired_draft", lambda target: str(draft))
+    alone, pair = smallest_budget(tiny_llama, draft=None, precision="fp32"), smallest_budget(tiny_llama, draft=str(draft), precision="fp32")
+    assert pair > alone
+    with Engine.load(tiny_llama, memory_budget=alone, precision="fp32", progress=False) as engine:
+        assert engine.draft is None and engine.mode == "ar"
+        assert f"draft {draft.name} left out: the pair needs {pair / MB:.0f} MB" in engine.describe()
+        assert engine.setup()["draft_note"] == engine.draft_note
+    for options in ({"draft": str(draft)}, {"mode": "llmcad"}):
+        with pytest.raises(BudgetTooSmall) as refused:
+            Engine.load(tiny_llama, memory_budget=alone, precision="fp32", progress=False, **options)
+        assert refused.value.minimum == pair
+    with Engine.load(tiny_llama, memory_budget=pair, precision="fp32", progress=False) as engine:
+        assert engine.draft is not None and engine.draft_note is None
 
 
 def test_without_the_kernels_auto_precision_is_int8_unless_only_q4_fits(tiny_llama, fixed_runtime, monkeypatch):
