@@ -26,6 +26,7 @@ from torch import nn
 
 from llmcad import kernels
 from llmcad.config import ModelConfig
+from llmcad.quant import SharedInput
 
 ROW_CHUNK = 64  # tokens run through a layer at a time: bounds activation memory for long prompts
 
@@ -118,6 +119,7 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(c.hidden_size, c.num_kv_heads * c.head_dim, bias=c.attention_bias)
         self.v_proj = nn.Linear(c.hidden_size, c.num_kv_heads * c.head_dim, bias=c.attention_bias)
         self.o_proj = nn.Linear(c.num_heads * c.head_dim, c.hidden_size, bias=False)
+        self.qkv = SharedInput()
         self.qk_norm = c.family.qk_norm
         if self.qk_norm:  # per head, before the rotation
             self.q_norm = RMSNorm(c.head_dim, c.rms_norm_eps)
@@ -125,12 +127,13 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, k_cache, v_cache, start: int, mask: torch.Tensor | None):
         n = x.shape[0]
-        q = self.q_proj(x).view(n, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(n, self.num_kv_heads, self.head_dim)
+        q, k, v = self.qkv(x, self.q_proj, self.k_proj, self.v_proj)
+        q = q.view(n, self.num_heads, self.head_dim)
+        k = k.view(n, self.num_kv_heads, self.head_dim)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = rotate(q, cos, sin), rotate(k, cos, sin)
-        v = self.v_proj(x).view(n, self.num_kv_heads, self.head_dim)
+        v = v.view(n, self.num_kv_heads, self.head_dim)
         end = start + n
         k_cache[:, :, start:end] = k.permute(1, 2, 0)
         v_cache[:, start:end] = v.transpose(0, 1)
@@ -167,9 +170,11 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=False)
         self.down_proj = nn.Linear(c.intermediate_size, c.hidden_size, bias=False)
         self.act = ACTIVATIONS[c.family.activation]
+        self.gate_up = SharedInput()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_up(x, self.gate_proj, self.up_proj)
+        return self.down_proj(self.act(gate) * up)
 
 
 class Block(nn.Module):

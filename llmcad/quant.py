@@ -184,14 +184,38 @@ class QuantLinear(nn.Module):
     def __init__(self, qtype: str, blocks: torch.Tensor, bias: torch.Tensor | None = None):
         super().__init__()
         self.qtype, self.blocks, self.bias = qtype, blocks, bias
-        self.out_features, self.in_features = blocks.shape[0], blocks.shape[1] // kernels.PACKED_BYTES[qtype] * kernels.QTYPES[qtype][0]
+        self.out_features, self.in_features = blocks.shape[0], kernels.packed_cols(blocks, qtype)
+        self.product = kernels.Product([(blocks, qtype)])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        y = kernels.matmul(x.reshape(-1, shape[-1]), self.blocks, self.qtype)
+        y = self.product(x.reshape(-1, shape[-1]))
         if self.bias is not None:
             y += self.bias
         return y.view(*shape[:-1], self.out_features)
+
+
+class SharedInput:
+    """Linear layers that take the same input (a layer's q, k and v; its gate and up), run as
+    one native call where all are `QuantLinear`: the input is quantized once and the threads
+    share out all their columns (same bits as one call each). Else each runs on its own. The
+    call is prepared for the modules it last saw, and again when they change."""
+
+    def __init__(self):
+        self.linears: tuple[nn.Module, ...] = ()
+        self.product: kernels.Product | None = None
+
+    def __call__(self, x: torch.Tensor, *linears: nn.Module) -> list[torch.Tensor]:
+        if not all(isinstance(linear, QuantLinear) for linear in linears):
+            return [linear(x) for linear in linears]
+        if len(linears) != len(self.linears) or any(a is not b for a, b in zip(linears, self.linears)):
+            self.linears, self.product = linears, kernels.Product([(linear.blocks, linear.qtype) for linear in linears])
+        shape = x.shape
+        outputs = self.product(x.reshape(-1, shape[-1])).view(*shape[:-1], -1).split(self.product.widths, dim=-1)
+        for y, linear in zip(outputs, linears):
+            if linear.bias is not None:
+                y += linear.bias
+        return list(outputs)
 
 
 def quantize_blocks(weight: torch.Tensor | QuantBlocks, qtype: str, chunk: int = 8192) -> torch.Tensor:

@@ -91,6 +91,28 @@ def test_rows_are_bit_identical_at_any_batch_and_thread_count(path, qtype):
         torch.set_num_threads(threads)
 
 
+@pytest.mark.parametrize("path", PATHS)
+def test_a_product_of_several_matrices_is_each_ones_own_product(path):
+    """One call for matrices that share an input (a layer's q, k, v in Q4_K, Q4_K, Q6_K: one
+    ends in a narrower tile) gives each column the bits of its matrix's own call, side by
+    side, at any row count and thread count."""
+    matrices = [(kernels.pack(random_blocks(q, n, 512, seed=i), q, 512), q) for i, (q, n) in enumerate([("q4_k", 48), ("q4_k", 18), ("q6_k", 32)])]
+    product = kernels.Product(matrices)
+    x = torch.randn(70, 512, generator=torch.Generator().manual_seed(5))
+    threads = torch.get_num_threads()
+    try:
+        for count in (1, 3, 70):
+            for n in (1, 2):
+                torch.set_num_threads(n)
+                alone = torch.cat([kernels.matmul(x[:count], p, q, path) for p, q in matrices], dim=1)
+                assert torch.equal(product(x[:count], path), alone), (count, n)
+    finally:
+        torch.set_num_threads(threads)
+    assert product.widths == [48, 18, 32] and product(x[:0]).shape == (0, 98)
+    with pytest.raises(ValueError, match="do not hold"):
+        kernels.Product([matrices[0], (kernels.pack(random_blocks("q4_k", 16, 256), "q4_k", 256), "q4_k")])
+
+
 def test_pack_and_matmul_refuse_blocks_that_do_not_hold_the_columns():
     blocks = random_blocks("q4_k", 16, 512)
     packed = kernels.pack(blocks, "q4_k", 512)

@@ -33,6 +33,7 @@ QTYPES = {"q4_k": (256, 144, 12), "q6_k": (256, 210, 14), "q8_0": (32, 34, 8), "
 PACKED_BYTES = {"q4_k": 148, "q6_k": 210, "q8_0": 34, "q5_0": 22, "q4_0": 18}  # per column and block, packed
 QTYPE_IDS = {name: i for i, name in enumerate(QTYPES)}  # the library's numbering
 TILE_COLUMNS = 16  # columns (output rows) a packed tile holds: a packed matrix splits only at multiples of it
+ABI = 2  # the library interface these bindings call (llmcad_abi)
 PATHS = ("portable", "avx2", "avxvnni", "avx512")
 PATH_ENV = "LLMCAD_KERNEL_PATH"
 
@@ -69,13 +70,13 @@ def _library() -> tuple[ctypes.CDLL | None, str]:
     lib.llmcad_packed_bytes.restype = i64
     lib.llmcad_pack.argtypes = [ctypes.c_int, ptr, i64, i64, i64, ptr]
     lib.llmcad_pack.restype = ctypes.c_int
-    lib.llmcad_matmul.argtypes = [ctypes.c_int, ctypes.c_int, ptr, i64, i64, ptr, i64, ptr, ctypes.c_int]
-    lib.llmcad_matmul.restype = ctypes.c_int
     lib.llmcad_dequantize.argtypes = [ctypes.c_int, ptr, i64, i64, ptr]
     lib.llmcad_dequantize.restype = ctypes.c_int
-    current = hasattr(lib, "llmcad_quantize") and hasattr(lib, "llmcad_attention") and hasattr(lib, "llmcad_tile_columns") and lib.llmcad_tile_columns() == TILE_COLUMNS
+    current = hasattr(lib, "llmcad_abi") and lib.llmcad_abi() == ABI and lib.llmcad_tile_columns() == TILE_COLUMNS
     if not current or any(lib.llmcad_packed_bytes(QTYPE_IDS[q], QTYPES[q][0]) != PACKED_BYTES[q] for q in QTYPES):
         return None, f"the native kernel library at {found[0]} is out of date (reinstall: pip install -e .)"
+    lib.llmcad_matmul.argtypes = [ctypes.c_int, ctypes.c_int, ptr, ptr, ptr, i64, ptr, i64, ptr, ctypes.c_int]
+    lib.llmcad_matmul.restype = ctypes.c_int
     lib.llmcad_quantize.argtypes = [ctypes.c_int, ptr, i64, i64, ptr]
     lib.llmcad_quantize.restype = ctypes.c_int
     f32 = ctypes.c_float
@@ -156,6 +157,11 @@ def pack(blocks: torch.Tensor, qtype: str, cols: int) -> torch.Tensor:
     return out
 
 
+def packed_cols(packed: torch.Tensor, qtype: str) -> int:
+    """The weights per column (K) of a packed matrix."""
+    return packed.shape[1] // PACKED_BYTES[qtype] * QTYPES[qtype][0]
+
+
 def _check_packed(packed: torch.Tensor, qtype: str, cols: int) -> None:
     """`packed` must be a contiguous matrix from `pack` of `cols` weights a column."""
     if packed.shape[1] != packed_row_bytes(qtype, cols) or not fits(qtype, cols) or not packed.is_contiguous():
@@ -164,19 +170,41 @@ def _check_packed(packed: torch.Tensor, qtype: str, cols: int) -> None:
 
 def matmul(x: torch.Tensor, packed: torch.Tensor, qtype: str, path: str | None = None) -> torch.Tensor:
     """x [M, K] float32 times the [N, K] matrix held as `packed` (uint8 [N, packed_row_bytes], from `pack`) -> [M, N]."""
-    lib = _checked_library()
-    x = x.contiguous().float()
-    rows, cols = x.shape
-    out = packed.shape[0]
-    _check_packed(packed, qtype, cols)
-    y = torch.empty(rows, out)
-    if rows == 0 or out == 0:
+    return Product([(packed, qtype)])(x, path)
+
+
+class Product:
+    """x W^T for one or more packed matrices [N_i, K] (from `pack`) that take the same input,
+    such as a layer's q, k and v: one call quantizes x once, the threads share out all the
+    matrices' columns, and the products come out side by side, [M, sum of N_i]. Each column
+    has the bits a `matmul` of its own matrix gives. The matrices are checked, and the
+    library's arguments for them built, once (a model calls its products many times)."""
+
+    def __init__(self, matrices: list[tuple[torch.Tensor, str]]):
+        lib = _checked_library()
+        self.cols = packed_cols(*matrices[0])
+        for packed, qtype in matrices:
+            _check_packed(packed, qtype, self.cols)
+        self.widths = [packed.shape[0] for packed, _ in matrices]
+        self.width = sum(self.widths)
+        self.matrices = [(p, q) for p, q in matrices if p.shape[0]]  # referenced: the library reads them
+        count, ptr = len(self.matrices), ctypes.c_void_p
+        self._args = (count, (ctypes.c_int * count)(*(QTYPE_IDS[q] for _, q in self.matrices)),
+                      (ptr * count)(*(p.data_ptr() for p, _ in self.matrices)),
+                      (ctypes.c_int64 * count)(*(p.shape[0] for p, _ in self.matrices)), self.cols)
+        self._matmul = lib.llmcad_matmul
+
+    def __call__(self, x: torch.Tensor, path: str | None = None) -> torch.Tensor:
+        if x.dim() != 2 or x.shape[1] != self.cols:
+            raise ValueError(f"packed matrices of {self.cols} weights a column do not hold input rows {tuple(x.shape)}")
+        x = x.contiguous().float()
+        y = torch.empty(x.shape[0], self.width)
+        if x.shape[0] == 0 or not self.matrices:
+            return y
+        path = path or active_path()
+        if self._matmul(PATHS.index(path), *self._args, x.data_ptr(), x.shape[0], y.data_ptr(), torch.get_num_threads()):
+            raise ValueError(f"llmcad_matmul refused {[(q, p.shape[0]) for p, q in self.matrices]} x {tuple(x.shape)} on path {path}")
         return y
-    path = path or active_path()
-    status = lib.llmcad_matmul(PATHS.index(path), QTYPE_IDS[qtype], packed.data_ptr(), out, cols, x.data_ptr(), rows, y.data_ptr(), torch.get_num_threads())
-    if status:
-        raise ValueError(f"llmcad_matmul refused {qtype} [{out}, {cols}] on path {path}")
-    return y
 
 
 def dequantize(packed: torch.Tensor, qtype: str, cols: int) -> torch.Tensor:

@@ -315,7 +315,8 @@ struct Job {
   const uint8_t* w;  // packed [n, k]
   int64_t n;
   const Activations* a;
-  float* y;  // [m, n]
+  float* y;  // [m, n], rows `ldy` floats apart
+  int64_t ldy;
 };
 
 // One pass's attention (attention.h): q [rows, heads, dim]; a cache layer's keys, transposed,
@@ -715,6 +716,10 @@ LLMCAD_API int llmcad_paths() {
   return mask;
 }
 
+// This interface's version: raised whenever a function below changes its arguments, so that a
+// library built from older sources is refused at load rather than called wrongly.
+LLMCAD_API int llmcad_abi() { return 2; }
+
 // Columns a packed tile holds: a packed matrix splits into whole tiles only at multiples of it.
 LLMCAD_API int llmcad_tile_columns() { return TILE; }
 
@@ -741,16 +746,30 @@ LLMCAD_API int llmcad_pack(int qtype, const uint8_t* src, int64_t row_bytes, int
   return 0;
 }
 
-// y[m, n] = x[m, k] W^T for W packed by llmcad_pack; `threads` split the column tiles.
-// Returns 0, or -1 for a bad argument (type, path, sizes).
-LLMCAD_API int llmcad_matmul(int path, int qtype, const uint8_t* w, int64_t n, int64_t k, const float* x, int64_t m, float* y,
-                             int threads) {
-  if (!llmcad_packed_bytes(qtype, k) || !path_supported(path) || n <= 0 || m <= 0) return -1;
-  static thread_local Activations a;
+// y[m, sum of ns] = x[m, k] [W_0; W_1; ...]^T for `count` matrices W_i (ns[i] x k, type
+// qtypes[i], packed by llmcad_pack) that take the same input, such as a layer's q, k and v:
+// W_i's products fill the ns[i] columns after W_{i-1}'s. x is quantized once and `threads`
+// split the column tiles of all of them. Returns 0, or -1 for a bad argument (type, path,
+// sizes).
+LLMCAD_API int llmcad_matmul(int path, int count, const int* qtypes, const uint8_t* const* ws, const int64_t* ns, int64_t k,
+                             const float* x, int64_t m, float* y, int threads) {
+  if (!path_supported(path) || count <= 0 || m <= 0) return -1;
+  std::vector<int64_t> first(count + 1, 0), column(count + 1, 0);  // each matrix's first column group and column
+  for (int i = 0; i < count; ++i) {
+    if (!llmcad_packed_bytes(qtypes[i], k) || ns[i] <= 0) return -1;
+    first[i + 1] = first[i] + (ns[i] + TILE - 1) / TILE;
+    column[i + 1] = column[i] + ns[i];
+  }
+  static thread_local Activations own;
+  const Activations* a = &own;  // this thread's: the workers' lambda must not name the thread_local itself
   const Kernels kernels = kernels_for(path);
-  kernels.quantize(x, m, k, a);
-  Job job{qtype, w, n, &a, y};
-  run_split((n + TILE - 1) / TILE, threads, [&](int64_t g0, int64_t g1) { kernels.columns(job, g0, g1); });
+  kernels.quantize(x, m, k, own);
+  run_split(first[count], threads, [&](int64_t g0, int64_t g1) {
+    for (int i = 0; i < count; ++i) {
+      const int64_t lo = std::max(g0, first[i]), hi = std::min(g1, first[i + 1]);
+      if (lo < hi) kernels.columns(Job{qtypes[i], ws[i], ns[i], a, y + column[i], column[count]}, lo - first[i], hi - first[i]);
+    }
+  });
   return 0;
 }
 

@@ -258,7 +258,7 @@ void columns(const Job& job, int64_t g0, int64_t g1) {
     for (int64_t r0 = 0; r0 < a.m; r0 += V::ROWS) {
       const int rows = (int)std::min<int64_t>(V::ROWS, a.m - r0);
       group_rows<V>(qtype, rows, tiles, blocks, a, r0, out);
-      for (int r = 0; r < rows; ++r) std::memcpy(job.y + (r0 + r) * job.n + g * TILE, out + TILE * r, sizeof(float) * width);
+      for (int r = 0; r < rows; ++r) std::memcpy(job.y + (r0 + r) * job.ldy + g * TILE, out + TILE * r, sizeof(float) * width);
     }
   }
 }
