@@ -4,7 +4,7 @@ The default pair, fully resident (gguf, 2 threads): after a code prompt, one for
 a token tree of R nodes (R = 1, 2, 4, 8, 16, 32, 64; a chain of three under the root, the
 rest the root's children) through the target and through the draft, as the decoder runs
 them. Per model and R: ms per pass (median of the rounds, R interleaved round-robin), the
-ratio to one row, and the ms of it spent in the native matmuls (`kernels.matmul`, timed
+ratio to one row, and the ms of it spent in the native matmuls (`kernels.Product` calls, timed
 in a separate round so the timing does not slow the measured passes); the rest is
 attention, PyTorch's small operations and Python. The weights (1 GB target, 0.4 GB draft) do
 not fit this machine's cache: unlike bench/kernels.py, one row is partly bound by memory.
@@ -66,7 +66,7 @@ def main() -> None:
             for name in models:
                 times[name, r].append(run(name, r))
     matmul_s = {}
-    plain = kernels.matmul
+    plain = kernels.Product.__call__
 
     def timed(*a, **kw):
         began = time.perf_counter()
@@ -74,7 +74,7 @@ def main() -> None:
         timed.seconds += time.perf_counter() - began
         return y
 
-    kernels.matmul = timed
+    kernels.Product.__call__ = timed
     try:
         for name in models:
             for r in ROWS:
@@ -82,7 +82,7 @@ def main() -> None:
                 run(name, r)
                 matmul_s[name, r] = timed.seconds
     finally:
-        kernels.matmul = plain
+        kernels.Product.__call__ = plain
     results = {}
     for name in models:
         ms = {r: 1e3 * statistics.median(times[name, r][1:]) for r in ROWS}
