@@ -218,26 +218,25 @@ class SharedInput:
         return list(outputs)
 
 
-def quantize_blocks(weight: torch.Tensor | QuantBlocks, qtype: str, chunk: int = 8192) -> torch.Tensor:
-    """GGUF blocks of `qtype` (q8_0 by the `gguf` package, q4_0 by the native quantizer, both
-    ggml's reference arithmetic) for a float matrix or another format's blocks, `chunk` rows
-    at a time, so a 150k-row head needs no full-size float copy."""
+def packed_blocks(weight: torch.Tensor | QuantBlocks, qtype: str, chunk: int = 8192) -> torch.Tensor:
+    """A matrix in the native kernels' tiles of `qtype`, requantized from its own blocks
+    (`kernels.pack(..., into=)`: q4_0 only) or quantized from floats (q8_0 by the `gguf`
+    package, q4_0 by the native quantizer; both ggml's reference arithmetic) `chunk` rows at
+    a time, so a 150k-row head needs no full-size float copy."""
+    if isinstance(weight, QuantBlocks):
+        return kernels.pack(weight.data, weight.qtype, weight.cols, into=qtype)
     rows, cols = weight.shape
-    out = torch.empty(rows, kernels.row_bytes(qtype, cols), dtype=torch.uint8)
+    blocks = torch.empty(rows, kernels.row_bytes(qtype, cols), dtype=torch.uint8)
     for start in range(0, rows, chunk):
-        part = slice(start, start + chunk)
-        if isinstance(weight, QuantBlocks):
-            dense = kernels.dequantize(kernels.pack(weight.data[part], weight.qtype, cols), weight.qtype, cols)
-        else:
-            dense = weight[part].float()
+        dense = weight[start : start + chunk].float()
         if qtype == "q8_0":
             from gguf import GGMLQuantizationType
             from gguf.quants import quantize
 
-            out[part] = torch.from_numpy(np.ascontiguousarray(quantize(dense.numpy(), GGMLQuantizationType.Q8_0)))
+            blocks[start : start + chunk] = torch.from_numpy(np.ascontiguousarray(quantize(dense.numpy(), GGMLQuantizationType.Q8_0)))
         else:
-            out[part] = kernels.quantize(dense, qtype)
-    return out
+            blocks[start : start + chunk] = kernels.quantize(dense, qtype)
+    return kernels.pack(blocks, qtype, cols)
 
 
 def linear_tensors(weight: torch.Tensor | QuantBlocks, bias: torch.Tensor | None, precision: str) -> dict[str, torch.Tensor]:
@@ -251,7 +250,7 @@ def linear_tensors(weight: torch.Tensor | QuantBlocks, bias: torch.Tensor | None
     if isinstance(weight, QuantBlocks) and weight.qtype in KEPT_BLOCKS.get(precision, ()):
         out = {weight.qtype: kernels.pack(weight.data, weight.qtype, weight.cols)}
     elif precision in BLOCKS_OF and kernels.fits(qtype := BLOCKS_OF[precision], weight.shape[1]):
-        out = {qtype: kernels.pack(quantize_blocks(weight, qtype), qtype, weight.shape[1])}
+        out = {qtype: packed_blocks(weight, qtype)}
     else:
         out = _unpacked_linear_tensors(weight.float(), precision)
     if bias is not None:

@@ -52,6 +52,16 @@ def test_q4_0_quantizer_gives_the_gguf_packages_bits():
         kernels.quantize(torch.randn(2, 256), "q4_k")
 
 
+@pytest.mark.parametrize("qtype", list(kernels.QTYPES))
+def test_packing_into_q4_0_requantizes_each_block_as_the_two_steps_would(qtype):
+    cols = 1536 if kernels.fits(qtype, 1536) else 896
+    blocks = random_blocks(qtype, 40, cols, seed=6)
+    weights = kernels.dequantize(kernels.pack(blocks, qtype, cols), qtype, cols)
+    assert torch.equal(kernels.pack(blocks, qtype, cols, into="q4_0"), kernels.pack(kernels.quantize(weights, "q4_0"), "q4_0", cols))
+    with pytest.raises(ValueError, match="cannot pack"):
+        kernels.pack(blocks, qtype, cols, into="q8_0" if qtype != "q8_0" else "q6_k")
+
+
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("qtype, rows, cols", cases())
 def test_matmul_is_the_dequantized_product(path, qtype, rows, cols):

@@ -199,8 +199,9 @@ def test_q4_linear_is_near_fp32_and_falls_back_to_int8_where_the_kernel_cannot()
 @pytest.mark.skipif(not kernels.available(), reason=kernels.unavailable_reason())
 def test_q4_0_keeps_4_bit_blocks_and_requantizes_the_rest():
     """Precision q4_0: GGUF Q4_K blocks kept as they are, other formats' blocks (here Q6_K)
-    and float matrices requantized to Q4_0 from their own values, a few rows at a time as one."""
-    from llmcad.quant import QuantBlocks, QuantLinear, linear_from, linear_tensors, quantize_blocks
+    requantized to Q4_0 from their own values in one native pass, float matrices quantized a
+    few rows at a time: the same blocks either way."""
+    from llmcad.quant import QuantBlocks, QuantLinear, linear_from, linear_tensors, packed_blocks
 
     x = torch.randn(5, 512, generator=torch.Generator().manual_seed(0))
     kept = QuantBlocks("q4_k", random_blocks("q4_k", 64, 512), 512)
@@ -211,7 +212,7 @@ def test_q4_0_keeps_4_bit_blocks_and_requantizes_the_rest():
         linear = linear_from(linear_tensors(matrix, None, "q4_0"))
         assert isinstance(linear, QuantLinear) and linear.qtype == "q4_0"
         assert torch.equal(linear.blocks, kernels.pack(kernels.quantize(source), "q4_0", 512))
-    assert torch.equal(quantize_blocks(six, "q4_0", chunk=7), kernels.quantize(source))
+    assert torch.equal(packed_blocks(source, "q4_0", chunk=7), linear.blocks)  # floats a few rows at a time
     ref = x @ source.t()
     assert ((linear(x) - ref).norm() / ref.norm()).item() < 0.15  # 4 bits with one scale per 32
 

@@ -33,7 +33,7 @@ QTYPES = {"q4_k": (256, 144, 12), "q6_k": (256, 210, 14), "q8_0": (32, 34, 8), "
 PACKED_BYTES = {"q4_k": 148, "q6_k": 210, "q8_0": 34, "q5_0": 22, "q4_0": 18}  # per column and block, packed
 QTYPE_IDS = {name: i for i, name in enumerate(QTYPES)}  # the library's numbering
 TILE_COLUMNS = 16  # columns (output rows) a packed tile holds: a packed matrix splits only at multiples of it
-ABI = 2  # the library interface these bindings call (llmcad_abi)
+ABI = 3  # the library interface these bindings call (llmcad_abi)
 PATHS = ("portable", "avx2", "avxvnni", "avx512")
 PATH_ENV = "LLMCAD_KERNEL_PATH"
 
@@ -68,16 +68,16 @@ def _library() -> tuple[ctypes.CDLL | None, str]:
     lib.llmcad_paths.restype = ctypes.c_int
     lib.llmcad_packed_bytes.argtypes = [ctypes.c_int, i64]
     lib.llmcad_packed_bytes.restype = i64
-    lib.llmcad_pack.argtypes = [ctypes.c_int, ptr, i64, i64, i64, ptr]
+    lib.llmcad_pack.argtypes = [ctypes.c_int, ptr, i64, i64, i64, ctypes.c_int, ptr, ctypes.c_int]
     lib.llmcad_pack.restype = ctypes.c_int
-    lib.llmcad_dequantize.argtypes = [ctypes.c_int, ptr, i64, i64, ptr]
+    lib.llmcad_dequantize.argtypes = [ctypes.c_int, ptr, i64, i64, ptr, ctypes.c_int]
     lib.llmcad_dequantize.restype = ctypes.c_int
     current = hasattr(lib, "llmcad_abi") and lib.llmcad_abi() == ABI and lib.llmcad_tile_columns() == TILE_COLUMNS
     if not current or any(lib.llmcad_packed_bytes(QTYPE_IDS[q], QTYPES[q][0]) != PACKED_BYTES[q] for q in QTYPES):
         return None, f"the native kernel library at {found[0]} is out of date (reinstall: pip install -e .)"
     lib.llmcad_matmul.argtypes = [ctypes.c_int, ctypes.c_int, ptr, ptr, ptr, i64, ptr, i64, ptr, ctypes.c_int]
     lib.llmcad_matmul.restype = ctypes.c_int
-    lib.llmcad_quantize.argtypes = [ctypes.c_int, ptr, i64, i64, ptr]
+    lib.llmcad_quantize.argtypes = [ctypes.c_int, ptr, i64, i64, ptr, ctypes.c_int]
     lib.llmcad_quantize.restype = ctypes.c_int
     f32 = ctypes.c_float
     lib.llmcad_attention.argtypes = [ctypes.c_int, ptr, i64, i64, i64, i64, ptr, ptr, i64, i64, ptr, f32, f32, ptr, ctypes.c_int]
@@ -145,15 +145,21 @@ def _checked_library() -> ctypes.CDLL:
     return lib
 
 
-def pack(blocks: torch.Tensor, qtype: str, cols: int) -> torch.Tensor:
-    """The GGUF matrix `blocks` (uint8 [N, row_bytes]) in the kernels' tiles: uint8 [N, packed_row_bytes]."""
+def pack(blocks: torch.Tensor, qtype: str, cols: int, into: str | None = None) -> torch.Tensor:
+    """The GGUF matrix `blocks` (uint8 [N, row_bytes] of `qtype`) in the kernels' tiles: uint8
+    [N, packed_row_bytes]; of type `into` where given (only "q4_0"): each block dequantized
+    and requantized, as `dequantize` and `quantize` would, in one pass."""
     lib = _checked_library()
+    into = into or qtype
     blocks = blocks.contiguous()
     if blocks.dim() != 2 or blocks.shape[1] != row_bytes(qtype, cols) or not fits(qtype, cols):
         raise ValueError(f"{qtype} blocks of shape {tuple(blocks.shape)} do not hold rows of {cols} weights")
-    out = torch.empty(blocks.shape[0], packed_row_bytes(qtype, cols), dtype=torch.uint8)
-    if blocks.shape[0] and lib.llmcad_pack(QTYPE_IDS[qtype], blocks.data_ptr(), blocks.shape[1], blocks.shape[0], cols, out.data_ptr()):
-        raise ValueError(f"llmcad_pack refused {qtype} [{blocks.shape[0]}, {cols}]")
+    if into not in (qtype, "q4_0"):
+        raise ValueError(f"cannot pack {qtype} blocks as {into} (only as their own type, or q4_0)")
+    out = torch.empty(blocks.shape[0], packed_row_bytes(into, cols), dtype=torch.uint8)
+    if blocks.shape[0] and lib.llmcad_pack(QTYPE_IDS[qtype], blocks.data_ptr(), blocks.shape[1], blocks.shape[0], cols, QTYPE_IDS[into],
+                                           out.data_ptr(), torch.get_num_threads()):
+        raise ValueError(f"llmcad_pack refused {qtype} [{blocks.shape[0]}, {cols}] as {into}")
     return out
 
 
@@ -213,7 +219,7 @@ def dequantize(packed: torch.Tensor, qtype: str, cols: int) -> torch.Tensor:
     packed = packed.contiguous()
     _check_packed(packed, qtype, cols)
     out = torch.empty(packed.shape[0], cols)
-    if packed.shape[0] and lib.llmcad_dequantize(QTYPE_IDS[qtype], packed.data_ptr(), packed.shape[0], cols, out.data_ptr()):
+    if packed.shape[0] and lib.llmcad_dequantize(QTYPE_IDS[qtype], packed.data_ptr(), packed.shape[0], cols, out.data_ptr(), torch.get_num_threads()):
         raise ValueError(f"llmcad_dequantize refused {qtype} [{packed.shape[0]}, {cols}]")
     return out
 
@@ -227,7 +233,7 @@ def quantize(weight: torch.Tensor, qtype: str = "q4_0") -> torch.Tensor:
     if qtype != "q4_0" or not fits(qtype, cols):
         raise ValueError(f"cannot quantize [{rows}, {cols}] to {qtype} (only q4_0, in rows of whole blocks)")
     out = torch.empty(rows, row_bytes(qtype, cols), dtype=torch.uint8)
-    if rows and lib.llmcad_quantize(QTYPE_IDS[qtype], weight.data_ptr(), rows, cols, out.data_ptr()):
+    if rows and lib.llmcad_quantize(QTYPE_IDS[qtype], weight.data_ptr(), rows, cols, out.data_ptr(), torch.get_num_threads()):
         raise ValueError(f"llmcad_quantize refused {qtype} [{rows}, {cols}]")
     return out
 

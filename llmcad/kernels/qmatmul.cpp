@@ -132,6 +132,21 @@ uint16_t to_fp16(float f) {  // float -> IEEE half, rounded to nearest even
   return sign | rounded(ax - 0x38000000u, 13);  // exponent rebiased from 127 to 15
 }
 
+// One Q4_0 block (18 bytes) of 32 values, as ggml's reference quantizer makes it: d = the
+// value of largest magnitude / -8, codes min(15, trunc(x / d + 8.5)).
+void quantize_q4_0(const float* v, uint8_t* out) {
+  float amax = 0.f, max = 0.f;
+  for (int i = 0; i < 32; ++i)
+    if (amax < std::fabs(v[i])) amax = std::fabs(v[i]), max = v[i];
+  const float d = max / -8.f, id = d != 0.f ? 1.f / d : 0.f;
+  const uint16_t h = to_fp16(d);
+  std::memcpy(out, &h, 2);
+  for (int i = 0; i < 16; ++i) {
+    const int lo = std::min(15, (int)(v[i] * id + 8.5f)), hi = std::min(15, (int)(v[16 + i] * id + 8.5f));
+    out[2 + i] = (uint8_t)(lo | hi << 4);
+  }
+}
+
 // ---- one column's block, unpacked --------------------------------------------------------
 
 struct Block {
@@ -718,7 +733,7 @@ LLMCAD_API int llmcad_paths() {
 
 // This interface's version: raised whenever a function below changes its arguments, so that a
 // library built from older sources is refused at load rather than called wrongly.
-LLMCAD_API int llmcad_abi() { return 2; }
+LLMCAD_API int llmcad_abi() { return 3; }
 
 // Columns a packed tile holds: a packed matrix splits into whole tiles only at multiples of it.
 LLMCAD_API int llmcad_tile_columns() { return TILE; }
@@ -729,20 +744,36 @@ LLMCAD_API int64_t llmcad_packed_bytes(int qtype, int64_t k) {
   return k / FORMATS[qtype].block * packed_bytes(qtype);
 }
 
-// dst (n * llmcad_packed_bytes(qtype, k) bytes) = the tiles of the GGUF matrix src (n rows of
-// k weights, `row_bytes` apart). Returns 0, or -1 for a bad argument.
-LLMCAD_API int llmcad_pack(int qtype, const uint8_t* src, int64_t row_bytes, int64_t n, int64_t k, uint8_t* dst) {
+// dst (n * llmcad_packed_bytes(into, k) bytes) = the tiles of type `into` of the GGUF matrix
+// src (n rows of k weights of type `qtype`, `row_bytes` apart): its own blocks rearranged
+// where into == qtype, else (into Q4_0 only) each block dequantized and requantized, as
+// llmcad_dequantize and llmcad_quantize would. Returns 0, or -1 for a bad argument.
+LLMCAD_API int llmcad_pack(int qtype, const uint8_t* src, int64_t row_bytes, int64_t n, int64_t k, int into, uint8_t* dst,
+                           int threads) {
   if (!llmcad_packed_bytes(qtype, k) || n <= 0 || row_bytes != k / FORMATS[qtype].block * FORMATS[qtype].gguf_bytes) return -1;
-  const int64_t blocks = k / FORMATS[qtype].block;
-  Block b;
-  for (int64_t col = 0; col < n; ++col)
-    for (int64_t blk = 0; blk < blocks; ++blk) {
-      int width;
-      uint8_t* tile = const_cast<uint8_t*>(tile_at(qtype, dst, n, k, col / TILE, blk, width));
-      b = Block();
-      read_gguf(qtype, src + col * row_bytes + blk * FORMATS[qtype].gguf_bytes, b);
-      write_tile(qtype, b, tile, width, (int)(col % TILE));
-    }
+  if (into != qtype && (into != Q4_0 || !llmcad_packed_bytes(into, k))) return -1;
+  const int64_t blocks = k / FORMATS[qtype].block, per = FORMATS[qtype].block / FORMATS[into].block;  // into's blocks per block
+  run_split(n, threads, [&](int64_t c0, int64_t c1) {
+    Block b;
+    float values[256];
+    uint8_t q4_0[18];
+    for (int64_t col = c0; col < c1; ++col)
+      for (int64_t blk = 0; blk < blocks; ++blk) {
+        b = Block();
+        read_gguf(qtype, src + col * row_bytes + blk * FORMATS[qtype].gguf_bytes, b);
+        if (into != qtype) dequantize_block(qtype, b, values);
+        for (int64_t j = 0; j < per; ++j) {
+          if (into != qtype) {
+            quantize_q4_0(values + 32 * j, q4_0);
+            b = Block();
+            read_gguf(into, q4_0, b);
+          }
+          int width;
+          uint8_t* tile = const_cast<uint8_t*>(tile_at(into, dst, n, k, col / TILE, blk * per + j, width));
+          write_tile(into, b, tile, width, (int)(col % TILE));
+        }
+      }
+  });
   return 0;
 }
 
@@ -792,38 +823,29 @@ LLMCAD_API int llmcad_attention(int path, const float* q, int64_t rows, int64_t 
 // dst = the GGUF blocks (n rows of k / 32 * 18 bytes) of Q4_0 for x[n, k], as ggml's reference
 // quantizer makes them: per block d = the value of largest magnitude / -8, codes
 // min(15, trunc(x / d + 8.5)). Only Q4_0. Returns 0, or -1 for a bad argument.
-LLMCAD_API int llmcad_quantize(int qtype, const float* x, int64_t n, int64_t k, uint8_t* dst) {
+LLMCAD_API int llmcad_quantize(int qtype, const float* x, int64_t n, int64_t k, uint8_t* dst, int threads) {
   if (qtype != Q4_0 || !llmcad_packed_bytes(qtype, k) || n <= 0) return -1;
-  for (int64_t b = 0; b < n * k / 32; ++b) {
-    const float* v = x + 32 * b;
-    uint8_t* out = dst + 18 * b;
-    float amax = 0.f, max = 0.f;
-    for (int i = 0; i < 32; ++i)
-      if (amax < std::fabs(v[i])) amax = std::fabs(v[i]), max = v[i];
-    const float d = max / -8.f, id = d != 0.f ? 1.f / d : 0.f;
-    const uint16_t h = to_fp16(d);
-    std::memcpy(out, &h, 2);
-    for (int i = 0; i < 16; ++i) {
-      const int lo = std::min(15, (int)(v[i] * id + 8.5f)), hi = std::min(15, (int)(v[16 + i] * id + 8.5f));
-      out[2 + i] = (uint8_t)(lo | hi << 4);
-    }
-  }
+  run_split(n * k / 32, threads, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) quantize_q4_0(x + 32 * b, dst + 18 * b);
+  });
   return 0;
 }
 
 // out[n, k] = the weights of a packed matrix (the arithmetic of ggml's reference dequantizers).
-LLMCAD_API int llmcad_dequantize(int qtype, const uint8_t* w, int64_t n, int64_t k, float* out) {
+LLMCAD_API int llmcad_dequantize(int qtype, const uint8_t* w, int64_t n, int64_t k, float* out, int threads) {
   if (!llmcad_packed_bytes(qtype, k) || n <= 0) return -1;
   const int64_t blocks = k / FORMATS[qtype].block;
-  Block b;
-  for (int64_t col = 0; col < n; ++col)
-    for (int64_t blk = 0; blk < blocks; ++blk) {
-      int width;
-      const uint8_t* tile = tile_at(qtype, w, n, k, col / TILE, blk, width);
-      b = Block();
-      read_tile(qtype, tile, width, (int)(col % TILE), b);
-      dequantize_block(qtype, b, out + col * k + blk * FORMATS[qtype].block);
-    }
+  run_split(n, threads, [&](int64_t c0, int64_t c1) {
+    Block b;
+    for (int64_t col = c0; col < c1; ++col)
+      for (int64_t blk = 0; blk < blocks; ++blk) {
+        int width;
+        const uint8_t* tile = tile_at(qtype, w, n, k, col / TILE, blk, width);
+        b = Block();
+        read_tile(qtype, tile, width, (int)(col % TILE), b);
+        dequantize_block(qtype, b, out + col * k + blk * FORMATS[qtype].block);
+      }
+  });
   return 0;
 }
 
