@@ -136,8 +136,9 @@ class Engine:
 
         Defaults ("auto"): the draft paired with a target alias (`hub.PAIRS`; None: no
         draft), left out where the budget holds the target but not the pair and `mode` asks
-        for no speculation (`draft_note` says why); precision gguf where the native kernels built, else int8, or q4 when the
-        budget cannot hold int8 (the draft's: `draft_precision_for`); the memory budget the
+        for no speculation (`draft_note` says why); precision gguf where the native kernels
+        built, else int8, or q4 when the budget cannot hold int8 (the draft's:
+        `draft_precision_for`); the memory budget the
         memory available to this process (`budget.auto_budget`: MemAvailable or its memory
         cgroup's limit, less a headroom), so that the target streams where it does not fit
         and is wholly resident where it does.
