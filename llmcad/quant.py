@@ -211,7 +211,7 @@ class SharedInput:
         if len(linears) != len(self.linears) or any(a is not b for a, b in zip(linears, self.linears)):
             self.linears, self.product = linears, kernels.Product([(linear.blocks, linear.qtype) for linear in linears])
         shape = x.shape
-        outputs = self.product(x.reshape(-1, shape[-1])).view(*shape[:-1], -1).split(self.product.widths, dim=-1)
+        outputs = self.product(x.reshape(-1, shape[-1])).view(*shape[:-1], self.product.width).split(self.product.widths, dim=-1)
         for y, linear in zip(outputs, linears):
             if linear.bias is not None:
                 y += linear.bias
