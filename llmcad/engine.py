@@ -257,9 +257,9 @@ class Engine:
                 break
             except BudgetTooSmall as e:
                 if context == contexts[-1]:
-                    small = {"q4", "gguf", "q4_0"}  # the 4-bit precisions (gguf: a Q4_K_M file's 4-6-bit blocks)
+                    small = {"q4", *BLOCKS_OF}  # the 4-bit precisions (gguf: a Q4_K_M file's 4-6-bit blocks)
                     smallest = store.precision in small and (draft is None or draft_precision in small)
-                    hint = "" if smallest else ", or store the models in 4-bit blocks (--precision gguf --draft-precision gguf)"
+                    hint = "" if smallest else ", or store the models in 4-bit blocks (--precision gguf --draft-precision q4_0)"
                     raise BudgetTooSmall(f"{e}{hint}" + (f" ({budget_note})" if budget_note.startswith("auto") else ""), e.minimum) from None
         if draft_state is not None:
             draft_state.cache = KVCache(draft_state.model.config, context + 2 * slots)

@@ -401,8 +401,8 @@ def _split_layer_name(name: str, source: Path, num_layers: int) -> tuple[int, st
 
 def _write_matrix(ckpt: Checkpoint, name: str, path: Path, precision: str) -> dict:
     """An embedding-shaped matrix converted a slice of rows at a time: `weight`, then for
-    int8 the per-row `scale`; a gguf head as its GGUF blocks (under its type's name, packed
-    for the kernels) where the kernels compute them."""
+    int8 the per-row `scale`; a gguf or q4_0 head in the kernels' tiles, under its type's
+    name (`linear_tensors`), where the kernels compute its blocks."""
     rows, cols = ckpt.config.vocab_size, ckpt.config.hidden_size
     blocks = ckpt.blocks(name) if precision in BLOCKS_OF and name == "lm_head.weight" else None
     if blocks is not None:
