@@ -7,14 +7,18 @@
 // signed byte products summed into each int32 lane) multiplies them with 4 activations
 // broadcast to every lane; the 16 lanes are the 16 columns' sums, so no horizontal sums are
 // needed, and a sub-block's scale costs one integer multiply per 32 weights (16 for Q6_K) and
-// column. A decoded tile serves up to 8 activation rows before the next is decoded. Codes are
+// column. AVX2 holds 8 columns a register and computes a tile in two halves, one block after
+// the other; without VNNI it sums maddubs's int16 pairs over a whole sub-block before one
+// madd, which applies the sub-block's scale. A decoded register serves up to 8 activation
+// rows (4 on AVX2) before the next is decoded. Codes are
 // unsigned (Q8_0 stores q + 128); the offsets (Q4_K's mins, Q6_K's -32, Q8_0's -128, Q5_0's
 // -16, Q4_0's -8) apply through sums of the activations. Bytes per weight are GGUF's, except Q4_K: 148
 // bytes per 256 weights instead of 144 (its 6-bit scales and mins unpacked to bytes).
 //
 // Activations: each row is quantized on its own to int8 with one float scale per 256 values
 // (the last group may be shorter), as llama.cpp's Q8_K, plus int16 sums of every 16 and
-// every 32 quantized values.
+// every 32 quantized values. The rows a decoded register serves have their codes interleaved
+// 4 at a time, so the kernels address them all from one pointer.
 //
 // Arithmetic: every sum of integer products is exact, in int32; per block (K-quants) or per
 // 256 values (32-blocks) the result meets the float scales in a fixed sequence of float
@@ -42,6 +46,10 @@
 #include <mutex>
 #include <thread>
 #include <vector>
+
+// The kernels' building blocks (tiles.h) must inline into one loop body: called, they would
+// pass their register arrays through memory.
+#define ALWAYS_INLINE inline __attribute__((always_inline))
 
 #if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>
@@ -318,7 +326,6 @@ struct Activations {
   std::vector<int8_t> q;
   std::vector<float> d;
   std::vector<int16_t> s16, s32;  // sums of every 16 and 32 quantized values
-  const int8_t* qrow(int64_t r) const { return q.data() + r * kpad; }
   const float* drow(int64_t r) const { return d.data() + r * groups; }
   const int16_t* s16row(int64_t r) const { return s16.data() + r * (kpad / 16); }
   const int16_t* s32row(int64_t r) const { return s32.data() + r * (kpad / 32); }
@@ -348,10 +355,11 @@ struct AttentionJob {
 // ---- portable lanes: 16 lanes as arrays (the reference; any CPU) ---------------------------
 
 struct PortableLanes {
-  static constexpr int ROWS = 8;
+  static constexpr int LANES = TILE, ROWS = 8;
   using Bytes = std::array<uint8_t, 64>;
   using Ints = std::array<int32_t, TILE>;
   using Floats = std::array<float, TILE>;
+  using Part = Ints;  // exact int32 sums: a run is the whole sum
   template <class F>
   static Ints each(F f) { Ints o; for (int l = 0; l < TILE; ++l) o[l] = f(l); return o; }
   template <class F>
@@ -367,6 +375,13 @@ struct PortableLanes {
     return each([&](int l) { int32_t s = acc[l]; for (int b = 0; b < 4; ++b) s += w[4 * l + b] * x[b]; return s; });
   }
   static Ints wide_dot(const Ints& acc, const Bytes& w, const int8_t* x) { return dot(acc, w, x); }
+  static constexpr int run(int) { return 64; }
+  static Part begin(const Ints& acc) { return acc; }
+  static Ints end(const Ints&, const Part& part) { return part; }
+  using Scale = Ints;
+  static Scale scale_u8(const uint8_t* p) { return u8(p); }
+  static Scale scale_half(const Ints& v, int h) { return h ? high16(v) : low16(v); }
+  static Ints end_scaled(const Ints& acc, const Part& part, const Scale& s) { return add(acc, mul(part, s)); }
   static Ints pair_dot(const Ints& acc, const Ints& v, const int16_t* p) {
     return each([&](int l) { return acc[l] + (int16_t)(v[l] & 0xffff) * p[0] + (v[l] >> 16) * p[1]; });
   }
@@ -404,61 +419,41 @@ void columns_portable(const Job& job, int64_t g0, int64_t g1) { columns<Portable
 #ifdef LLMCAD_X86
 // Each SIMD path: its lane operations and the kernels of tiles.h, compiled for its instruction
 // set (the standard headers are all included above, outside these regions).
-struct Two { __m256i lo, hi; };  // AVX2's 16 lanes
-struct TwoF { __m256 lo, hi; };
 
 #pragma GCC push_options
 #pragma GCC target("avx2,fma,f16c")
 namespace avx2 {
-// ---- AVX2 lanes (16 lanes as two registers of 8), with or without AVX-VNNI ----------------
+// ---- AVX2 lanes (8 columns a register: 16 registers hold a few rows' work), with or without
+// AVX-VNNI ------------------------------------------------------------------------------------
 
 // Lane operations both AVX2 paths share; the dot products differ (Avx2Lanes, AvxVnniLanes).
 struct Avx2Base {
-  static constexpr int ROWS = 4;
-  using Bytes = Two;
-  using Ints = Two;
-  using Floats = TwoF;
-  static Bytes load(const uint8_t* p) { return {_mm256_loadu_si256((const __m256i*)p), _mm256_loadu_si256((const __m256i*)(p + 32))}; }
-  static Bytes shr_and(Bytes v, int s, uint8_t m) {
-    const __m128i n = _mm_cvtsi32_si128(s);
-    const __m256i mask = _mm256_set1_epi8((char)m);
-    return {_mm256_and_si256(_mm256_srl_epi16(v.lo, n), mask), _mm256_and_si256(_mm256_srl_epi16(v.hi, n), mask)};
-  }
-  static Bytes shl_and(Bytes v, int s, uint8_t m) {
-    const __m128i n = _mm_cvtsi32_si128(s);
-    const __m256i mask = _mm256_set1_epi8((char)m);
-    return {_mm256_and_si256(_mm256_sll_epi16(v.lo, n), mask), _mm256_and_si256(_mm256_sll_epi16(v.hi, n), mask)};
-  }
-  static Bytes or_(Bytes a, Bytes b) { return {_mm256_or_si256(a.lo, b.lo), _mm256_or_si256(a.hi, b.hi)}; }
-  static Ints u8(const uint8_t* p) {
-    return {_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)p)), _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(p + 8)))};
-  }
-  static Ints u8_pairs(const uint8_t* p) {
-    return {_mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i*)p)), _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i*)(p + 16)))};
-  }
-  static Ints i8_pairs(const uint8_t* p) {
-    return {_mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)p)), _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)(p + 16)))};
-  }
-  static Ints low16(Ints v) { return {_mm256_srai_epi32(_mm256_slli_epi32(v.lo, 16), 16), _mm256_srai_epi32(_mm256_slli_epi32(v.hi, 16), 16)}; }
-  static Ints high16(Ints v) { return {_mm256_srai_epi32(v.lo, 16), _mm256_srai_epi32(v.hi, 16)}; }
-  static Ints add(Ints a, Ints b) { return {_mm256_add_epi32(a.lo, b.lo), _mm256_add_epi32(a.hi, b.hi)}; }
-  static Ints sub(Ints a, Ints b) { return {_mm256_sub_epi32(a.lo, b.lo), _mm256_sub_epi32(a.hi, b.hi)}; }
-  static Ints mul(Ints a, Ints b) { return {_mm256_mullo_epi32(a.lo, b.lo), _mm256_mullo_epi32(a.hi, b.hi)}; }
-  static Ints shl(Ints v, int s) {
-    const __m128i n = _mm_cvtsi32_si128(s);
-    return {_mm256_sll_epi32(v.lo, n), _mm256_sll_epi32(v.hi, n)};
-  }
-  static Ints set(int32_t v) { return {_mm256_set1_epi32(v), _mm256_set1_epi32(v)}; }
-  static Floats halves(const uint8_t* p) {
-    return {_mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)p)), _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(p + 16)))};
-  }
-  static Floats cvt(Ints v) { return {_mm256_cvtepi32_ps(v.lo), _mm256_cvtepi32_ps(v.hi)}; }
-  static Floats fmul(Floats a, Floats b) { return {_mm256_mul_ps(a.lo, b.lo), _mm256_mul_ps(a.hi, b.hi)}; }
-  static Floats fmadd(Floats a, Floats b, Floats c) { return {_mm256_fmadd_ps(a.lo, b.lo, c.lo), _mm256_fmadd_ps(a.hi, b.hi, c.hi)}; }
-  static Floats fnmadd(Floats a, Floats b, Floats c) { return {_mm256_fnmadd_ps(a.lo, b.lo, c.lo), _mm256_fnmadd_ps(a.hi, b.hi, c.hi)}; }
-  static Floats fset(float v) { return {_mm256_set1_ps(v), _mm256_set1_ps(v)}; }
-  static Floats fzero() { return {_mm256_setzero_ps(), _mm256_setzero_ps()}; }
-  static void store(float* p, Floats v) { _mm256_storeu_ps(p, v.lo); _mm256_storeu_ps(p + 8, v.hi); }
+  static constexpr int LANES = 8, ROWS = 4;
+  using Bytes = __m256i;
+  using Ints = __m256i;
+  using Floats = __m256;
+  static Bytes load(const uint8_t* p) { return _mm256_loadu_si256((const __m256i*)p); }
+  static Bytes shr_and(Bytes v, int s, uint8_t m) { return _mm256_and_si256(_mm256_srl_epi16(v, _mm_cvtsi32_si128(s)), _mm256_set1_epi8((char)m)); }
+  static Bytes shl_and(Bytes v, int s, uint8_t m) { return _mm256_and_si256(_mm256_sll_epi16(v, _mm_cvtsi32_si128(s)), _mm256_set1_epi8((char)m)); }
+  static Bytes or_(Bytes a, Bytes b) { return _mm256_or_si256(a, b); }
+  static Ints u8(const uint8_t* p) { return _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)p)); }
+  static Ints u8_pairs(const uint8_t* p) { return _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i*)p)); }
+  static Ints i8_pairs(const uint8_t* p) { return _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)p)); }
+  static Ints low16(Ints v) { return _mm256_srai_epi32(_mm256_slli_epi32(v, 16), 16); }
+  static Ints high16(Ints v) { return _mm256_srai_epi32(v, 16); }
+  static Ints add(Ints a, Ints b) { return _mm256_add_epi32(a, b); }
+  static Ints sub(Ints a, Ints b) { return _mm256_sub_epi32(a, b); }
+  static Ints mul(Ints a, Ints b) { return _mm256_mullo_epi32(a, b); }
+  static Ints shl(Ints v, int s) { return _mm256_sll_epi32(v, _mm_cvtsi32_si128(s)); }
+  static Ints set(int32_t v) { return _mm256_set1_epi32(v); }
+  static Floats halves(const uint8_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)p)); }
+  static Floats cvt(Ints v) { return _mm256_cvtepi32_ps(v); }
+  static Floats fmul(Floats a, Floats b) { return _mm256_mul_ps(a, b); }
+  static Floats fmadd(Floats a, Floats b, Floats c) { return _mm256_fmadd_ps(a, b, c); }
+  static Floats fnmadd(Floats a, Floats b, Floats c) { return _mm256_fnmadd_ps(a, b, c); }
+  static Floats fset(float v) { return _mm256_set1_ps(v); }
+  static Floats fzero() { return _mm256_setzero_ps(); }
+  static void store(float* p, Floats v) { _mm256_storeu_ps(p, v); }
   static void prefetch(const uint8_t* p, int bytes) {
     for (int l = 0; l < bytes; l += 64) _mm_prefetch((const char*)(p + l), _MM_HINT_T0);
   }
@@ -469,25 +464,33 @@ struct Avx2Base {
   }
 };
 
-// AVX2 alone: maddubs (pairs of u8 x s8 into int16) then madd with ones; exact while a pair's
-// sum fits int16, i.e. for codes < 128. Wide codes are split into their low 7 bits and bit 7.
+// AVX2 alone: maddubs (pairs of u8 x s8 into int16), summed in int16 over a run, then madd
+// with ones into int32: exact while the run's sums fit int16 (activations are within +-127),
+// so a run of 4-bit codes is a whole 32-weight sub-block. Wide codes are split into their low
+// 7 bits and bit 7.
 struct Avx2Lanes : Avx2Base {
-  static __m256i dot8(__m256i acc, __m256i w, __m256i x) {
-    return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(w, x), _mm256_set1_epi16(1)));
+  using Part = __m256i;  // int16 pairs
+  static constexpr int run(int maxcode) { return 32767 / (2 * 127 * maxcode); }
+  static Part begin(Ints) { return _mm256_setzero_si256(); }
+  static Part dot(Part part, Bytes w, const int8_t* x) { return _mm256_add_epi16(part, _mm256_maddubs_epi16(w, broadcast4(x))); }
+  static Ints end(Ints acc, Part part) { return _mm256_add_epi32(acc, _mm256_madd_epi16(part, _mm256_set1_epi16(1))); }
+  using Scale = __m256i;  // the scale in both int16 halves of a lane: madd applies it to the run's int16 sums
+  static Scale scale_u8(const uint8_t* p) {
+    const __m128i v = _mm_loadl_epi64((const __m128i*)p);
+    return _mm256_cvtepu8_epi16(_mm_unpacklo_epi8(v, v));
   }
-  static Ints dot(Ints acc, Bytes w, const int8_t* x) {
-    const __m256i xv = broadcast4(x);
-    return {dot8(acc.lo, w.lo, xv), dot8(acc.hi, w.hi, xv)};
+  static Scale scale_half(Ints v, int h) {  // int16 half h of each lane, into both (byte indices within 128 bits)
+    const __m256i low = _mm256_setr_epi8(0, 1, 0, 1, 4, 5, 4, 5, 8, 9, 8, 9, 12, 13, 12, 13, 0, 1, 0, 1, 4, 5, 4, 5, 8, 9, 8, 9, 12, 13, 12, 13);
+    return _mm256_shuffle_epi8(v, h ? _mm256_add_epi8(low, _mm256_set1_epi8(2)) : low);
   }
+  static Ints end_scaled(Ints acc, Part part, Scale s) { return _mm256_add_epi32(acc, _mm256_madd_epi16(part, s)); }
   static Ints wide_dot(Ints acc, Bytes w, const int8_t* x) {
-    const __m256i xv = broadcast4(x), low7 = _mm256_set1_epi8(0x7f), top = _mm256_set1_epi8((char)0x80);
-    return {dot8(dot8(acc.lo, _mm256_and_si256(w.lo, low7), xv), _mm256_and_si256(w.lo, top), xv),
-            dot8(dot8(acc.hi, _mm256_and_si256(w.hi, low7), xv), _mm256_and_si256(w.hi, top), xv)};
+    const __m256i xv = broadcast4(x), ones = _mm256_set1_epi16(1);
+    const __m256i low = _mm256_maddubs_epi16(_mm256_and_si256(w, _mm256_set1_epi8(0x7f)), xv);
+    const __m256i top = _mm256_maddubs_epi16(_mm256_and_si256(w, _mm256_set1_epi8((char)0x80)), xv);
+    return _mm256_add_epi32(acc, _mm256_add_epi32(_mm256_madd_epi16(low, ones), _mm256_madd_epi16(top, ones)));
   }
-  static Ints pair_dot(Ints acc, Ints v, const int16_t* p) {
-    const __m256i pv = broadcast4(p);
-    return {_mm256_add_epi32(acc.lo, _mm256_madd_epi16(v.lo, pv)), _mm256_add_epi32(acc.hi, _mm256_madd_epi16(v.hi, pv))};
-  }
+  static Ints pair_dot(Ints acc, Ints v, const int16_t* p) { return _mm256_add_epi32(acc, _mm256_madd_epi16(v, broadcast4(p))); }
 };
 #include "tiles.h"
 #include "attention.h"
@@ -499,15 +502,17 @@ void columns_avx2(const Job& job, int64_t g0, int64_t g1) { columns<Avx2Lanes>(j
 #pragma GCC target("avx2,fma,f16c,avxvnni")
 namespace avxvnni {
 struct AvxVnniLanes : avx2::Avx2Base {
-  static Ints dot(Ints acc, Bytes w, const int8_t* x) {
-    const __m256i xv = broadcast4(x);
-    return {_mm256_dpbusd_avx_epi32(acc.lo, w.lo, xv), _mm256_dpbusd_avx_epi32(acc.hi, w.hi, xv)};
-  }
+  using Part = Ints;  // vpdpbusd accumulates in int32: a run is the whole sum
+  static constexpr int run(int) { return 64; }
+  static Part begin(Ints acc) { return acc; }
+  static Part dot(Part part, Bytes w, const int8_t* x) { return _mm256_dpbusd_avx_epi32(part, w, broadcast4(x)); }
+  static Ints end(Ints, Part part) { return part; }
+  using Scale = Ints;
+  static Scale scale_u8(const uint8_t* p) { return u8(p); }
+  static Scale scale_half(Ints v, int h) { return h ? high16(v) : low16(v); }
+  static Ints end_scaled(Ints acc, Part part, Scale s) { return add(acc, mul(part, s)); }
   static Ints wide_dot(Ints acc, Bytes w, const int8_t* x) { return dot(acc, w, x); }
-  static Ints pair_dot(Ints acc, Ints v, const int16_t* p) {
-    const __m256i pv = broadcast4(p);
-    return {_mm256_dpwssd_avx_epi32(acc.lo, v.lo, pv), _mm256_dpwssd_avx_epi32(acc.hi, v.hi, pv)};
-  }
+  static Ints pair_dot(Ints acc, Ints v, const int16_t* p) { return _mm256_dpwssd_avx_epi32(acc, v, broadcast4(p)); }
 };
 #include "tiles.h"
 #include "attention.h"
@@ -521,19 +526,27 @@ namespace avx512 {
 // ---- AVX-512 (F, BW, VL, VNNI) lanes --------------------------------------------------------
 
 struct Avx512Lanes {
-  static constexpr int ROWS = 8;
+  static constexpr int LANES = 16, ROWS = 8;
   using Bytes = __m512i;
   using Ints = __m512i;
   using Floats = __m512;
+  using Part = Ints;  // vpdpbusd accumulates in int32: a run is the whole sum
   static Bytes load(const uint8_t* p) { return _mm512_loadu_si512((const void*)p); }
   static Bytes shr_and(Bytes v, int s, uint8_t m) { return _mm512_and_si512(_mm512_srl_epi16(v, _mm_cvtsi32_si128(s)), _mm512_set1_epi8((char)m)); }
   static Bytes shl_and(Bytes v, int s, uint8_t m) { return _mm512_and_si512(_mm512_sll_epi16(v, _mm_cvtsi32_si128(s)), _mm512_set1_epi8((char)m)); }
   static Bytes or_(Bytes a, Bytes b) { return _mm512_or_si512(a, b); }
-  static Ints dot(Ints acc, Bytes w, const int8_t* x) {
+  static constexpr int run(int) { return 64; }
+  static Part begin(Ints acc) { return acc; }
+  static Part dot(Part part, Bytes w, const int8_t* x) {
     int32_t x4;
     std::memcpy(&x4, x, 4);
-    return _mm512_dpbusd_epi32(acc, w, _mm512_set1_epi32(x4));
+    return _mm512_dpbusd_epi32(part, w, _mm512_set1_epi32(x4));
   }
+  static Ints end(Ints, Part part) { return part; }
+  using Scale = Ints;
+  static Scale scale_u8(const uint8_t* p) { return u8(p); }
+  static Scale scale_half(Ints v, int h) { return h ? high16(v) : low16(v); }
+  static Ints end_scaled(Ints acc, Part part, Scale s) { return _mm512_add_epi32(acc, _mm512_mullo_epi32(part, s)); }
   static Ints wide_dot(Ints acc, Bytes w, const int8_t* x) { return dot(acc, w, x); }
   static Ints pair_dot(Ints acc, Ints v, const int16_t* p) {
     int32_t p2;
@@ -593,11 +606,11 @@ struct Kernels {
 
 Kernels kernels_for(int path) {
 #ifdef LLMCAD_X86
-  if (path == AVX512) return {avx512::quantize_rows, avx512::columns_avx512, avx512::attend_items};
-  if (path == AVXVNNI) return {avxvnni::quantize_rows, avxvnni::columns_avxvnni, avxvnni::attend_items};
-  if (path == AVX2) return {avx2::quantize_rows, avx2::columns_avx2, avx2::attend_items};
+  if (path == AVX512) return {avx512::quantize_rows<avx512::Avx512Lanes>, avx512::columns_avx512, avx512::attend_items};
+  if (path == AVXVNNI) return {avxvnni::quantize_rows<avxvnni::AvxVnniLanes>, avxvnni::columns_avxvnni, avxvnni::attend_items};
+  if (path == AVX2) return {avx2::quantize_rows<avx2::Avx2Lanes>, avx2::columns_avx2, avx2::attend_items};
 #endif
-  return {portable::quantize_rows, portable::columns_portable, portable::attend_items};
+  return {portable::quantize_rows<PortableLanes>, portable::columns_portable, portable::attend_items};
 }
 
 // ---- threads ---------------------------------------------------------------------------------

@@ -2,38 +2,50 @@
 // per instruction set, inside a namespace compiled for it, with the names it defines
 // (Activations, Job, FORMATS, ...) in scope. Not a standalone header.
 //
-// A `Lanes` struct supplies: Bytes (64 bytes: 4 per lane), Ints (16 int32), Floats (16
-// float), ROWS (rows a decoded tile serves at once: what fits the register file) and:
-//   load(p)                 64 bytes
+// A `Lanes` struct supplies its register types, one lane per column: Bytes (4 bytes a lane),
+// Ints (int32), Floats, Part (a run's partial dot products); LANES, the columns one register
+// holds (16 or 8: a tile is computed in TILE / LANES passes); ROWS, the rows a decoded tile
+// serves at once (what fits the register file); and:
+//   load(p)                 4 * LANES bytes
 //   shr_and(v, s, m)        each byte (b >> s) & m; shl_and likewise with <<
 //   or_(a, b)
-//   dot(acc, w, x)          acc + per lane sum of its 4 unsigned bytes of w times x[0..3]
-//                           (int8), for codes < 128; wide_dot for any unsigned codes
+//   begin(acc), dot(part, w, x), end(acc, part)
+//                           a run of dot products: end(acc, dot(... dot(begin(acc), w1, x1) ...))
+//                           = acc + per lane sum of its 4 unsigned bytes of each w times x[0..3]
+//                           (int8), for codes <= c and runs of at most run(c) products
+//   scale_u8(p), scale_half(v, h), end_scaled(acc, part, s)
+//                           acc + s * the run's sum, for a run begun at zero, s a Scale: the
+//                           LANES bytes at p, or int16 half h of each lane of v
+//   wide_dot(acc, w, x)     acc + one such product, for any unsigned codes
 //   pair_dot(acc, v, p)     acc + per lane low16(v) * p[0] + high16(v) * p[1] (int16)
-//   u8(p), u8_pairs(p), i8_pairs(p)   16 bytes as int32 lanes; 32 bytes as int16 pairs
+//   u8(p), u8_pairs(p), i8_pairs(p)   LANES bytes as int32 lanes; 2 * LANES as int16 pairs
 //   low16(v), high16(v)     the int16 halves of each lane, sign-extended
 //   add, sub, mul (int32), shl(v, s), set(int)
-//   halves(p)               16 fp16 as floats; cvt(Ints); fmul, fmadd(a, b, c) = a*b + c
+//   halves(p)               LANES fp16 as floats; cvt(Ints); fmul, fmadd(a, b, c) = a*b + c
 //                           (one rounding), fnmadd(a, b, c) = c - a*b (one rounding)
 //   fset(float), fzero(), store(p, v), prefetch(p, bytes)
 
 // Each row of x quantized on its own (see qmatmul.cpp's header): codes, scales, sums. Plain
 // loops over 16 lanes of integer or correctly rounded IEEE operations, nothing reassociated,
 // so each instruction set's vectorization of them gives the portable path's bits. Rounding
-// to nearest even adds and subtracts 1.5 * 2^23 (the values are within +-127.5).
-inline void quantize_rows(const float* x, int64_t m, int64_t k, Activations& a) {
+// to nearest even adds and subtracts 1.5 * 2^23 (the values are within +-127.5). The codes of
+// each group of V::ROWS rows (the last group: the rows left) are interleaved 4 at a time, as
+// the kernels read them (Rows).
+template <class V>
+void quantize_rows(const float* x, int64_t m, int64_t k, Activations& a) {
   constexpr float ROUND = 12582912.f;
   a.m = m;
   a.k = k;
   a.groups = (k + SUPER - 1) / SUPER;
   a.kpad = a.groups * SUPER;
-  a.q.assign(m * a.kpad, 0);
+  a.q.resize(m * a.kpad);
   a.d.assign(m * a.groups, 0.f);
   a.s16.resize(m * (a.kpad / 16));
   a.s32.resize(m * (a.kpad / 32));
+  std::vector<int8_t> q(a.kpad);
   for (int64_t r = 0; r < m; ++r) {
     const float* xr = x + r * k;
-    int8_t* q = a.q.data() + r * a.kpad;
+    std::fill(q.begin(), q.end(), 0);
     for (int64_t g = 0; g < a.groups; ++g) {
       const int64_t lo = g * SUPER, hi = std::min<int64_t>(k, lo + SUPER);
       // the largest magnitude: |v|'s bits, compared as integers, order as |v| does
@@ -65,69 +77,95 @@ inline void quantize_rows(const float* x, int64_t m, int64_t k, Activations& a) 
       s16[i] = (int16_t)sum;
     }
     for (int64_t i = 0; i < a.kpad / 32; ++i) s32[i] = (int16_t)(s16[2 * i] + s16[2 * i + 1]);
+    const int64_t r0 = r / V::ROWS * V::ROWS, rows = std::min<int64_t>(V::ROWS, m - r0);
+    int8_t* group = a.q.data() + r0 * a.kpad + 4 * (r - r0);
+    for (int64_t i = 0; i < a.kpad; i += 4) std::memcpy(group + i * rows, q.data() + i, 4);
   }
 }
 
-// The R activation rows starting at r0: pointers to their codes, scales and sums.
+// The R activation rows starting at r0 (a group as quantize_rows interleaves them): codes
+// (code i of row r at q + R * i + 4 * r, i a multiple of 4), scales and sums.
 template <int R>
 struct Rows {
-  const int8_t* q[R];
+  const int8_t* q;
   const float* d[R];
   const int16_t *s16[R], *s32[R];
-  Rows(const Activations& a, int64_t r0) {
+  Rows(const Activations& a, int64_t r0) : q(a.q.data() + r0 * a.kpad) {
     for (int r = 0; r < R; ++r) {
-      q[r] = a.qrow(r0 + r);
       d[r] = a.drow(r0 + r);
       s16[r] = a.s16row(r0 + r);
       s32[r] = a.s32row(r0 + r);
     }
   }
+  const int8_t* codes(int r, int64_t i) const { return q + R * i + 4 * r; }
 };
 
-// dot[r] += the 8 code registers w times row r's 32 activations at x[r] + at: the rows
-// innermost, so R independent chains of dot products overlap.
-template <class V, int R>
-void dot_rows(typename V::Ints* dot, const typename V::Bytes* w, int first, int count, const Rows<R>& x, int64_t at, bool wide = false) {
-  for (int e = first; e < first + count; ++e)
-    for (int r = 0; r < R; ++r) dot[r] = wide ? V::wide_dot(dot[r], w[e], x.q[r] + at + 4 * e) : V::dot(dot[r], w[e], x.q[r] + at + 4 * e);
+// part[r] = V::dot over code registers w(first) .. w(first + count - 1) (codes <= MAXCODE,
+// count <= V::run(MAXCODE)) and row r's activations at i, i + 4, ...: the rows innermost, so
+// R independent chains overlap, and each register decoded once, where it is used.
+template <class V, int R, class Decode>
+ALWAYS_INLINE void dots(typename V::Part* part, Decode w, int first, int count, const Rows<R>& x, int64_t i) {
+  for (int e = first; e < first + count; ++e) {
+    const typename V::Bytes we = w(e);
+    for (int r = 0; r < R; ++r) part[r] = V::dot(part[r], we, x.codes(r, i + 4 * e));
+  }
+}
+
+// sums[r] += scale * (the dot products of code registers w(0) .. w(count - 1), codes <=
+// MAXCODE, with row r's activations from i on), in runs as V's int16 sums allow.
+template <class V, int R, int MAXCODE, class Decode>
+ALWAYS_INLINE void scaled_dots(typename V::Ints* sums, typename V::Scale scale, Decode w, int count, const Rows<R>& x, int64_t i) {
+  constexpr int RUN = V::run(MAXCODE);
+  static_assert(RUN > 0);
+  for (int e0 = 0; e0 < count; e0 += RUN) {
+    typename V::Part part[R];
+    for (int r = 0; r < R; ++r) part[r] = V::begin(V::set(0));
+    dots<V, R>(part, w, e0, std::min(RUN, count - e0), x, i);
+    for (int r = 0; r < R; ++r) sums[r] = V::end_scaled(sums[r], part[r], scale);
+  }
+}
+
+// Element i of field `field` of a tile (TILE columns of a block of QTYPE, see FORMATS), from
+// column c0 on.
+template <int QTYPE>
+ALWAYS_INLINE const uint8_t* at(const uint8_t* t, int field, int i, int c0) {
+  return t + field_offset(QTYPE, field) * TILE + (i * TILE + c0) * FORMATS[QTYPE].field[field].size;
 }
 
 // The walk the K-quant kernels share: R rows' float sums over the blocks of one column group,
-// `add_block(t, blk, acc)` adding block blk (its tile at t) to them; out[R][TILE].
+// `add_block(t, blk, c0, acc)` adding block blk (its tile at t) of the V::LANES columns from
+// c0 to acc[R]; out[R][TILE]. Every part of a tile is computed before the next tile, so the
+// weights stream through once.
 template <class V, int R, int QTYPE, class AddBlock>
-void walk_blocks(const uint8_t* tiles, int64_t blocks, float* out, AddBlock add_block) {
-  constexpr int BYTES = TILE * packed_bytes(QTYPE);
-  typename V::Floats acc[R];
-  for (int r = 0; r < R; ++r) acc[r] = V::fzero();
+ALWAYS_INLINE void walk_blocks(const uint8_t* tiles, int64_t blocks, float* out, AddBlock add_block) {
+  constexpr int BYTES = TILE * packed_bytes(QTYPE), PARTS = TILE / V::LANES;
+  typename V::Floats acc[PARTS][R];
+  for (int c = 0; c < PARTS; ++c)
+    for (int r = 0; r < R; ++r) acc[c][r] = V::fzero();
   for (int64_t blk = 0; blk < blocks; ++blk) {
     const uint8_t* t = tiles + blk * BYTES;
     V::prefetch(t + PREFETCH, BYTES);
-    add_block(t, blk, acc);
+    for (int c = 0; c < PARTS; ++c) add_block(t, blk, c * V::LANES, acc[c]);
   }
-  for (int r = 0; r < R; ++r) V::store(out + TILE * r, acc[r]);
+  for (int c = 0; c < PARTS; ++c)
+    for (int r = 0; r < R; ++r) V::store(out + TILE * r + c * V::LANES, acc[c][r]);
 }
 
+// Q4_K: per sub-block of 32 weights, scale * (codes . x); the mins through the activations'
+// sums of 32.
 template <class V, int R>
 void q4_k_rows(const uint8_t* tiles, int64_t blocks, const Activations& a, int64_t r0, float* out) {
   const Rows<R> x(a, r0);
-  walk_blocks<V, R, Q4_K>(tiles, blocks, out, [&](const uint8_t* t, int64_t blk, typename V::Floats* acc) {
-    typename V::Ints sums[R], dot[R];
+  walk_blocks<V, R, Q4_K>(tiles, blocks, out, [&](const uint8_t* t, int64_t blk, int c0, typename V::Floats* acc) __attribute__((always_inline)) {
+    typename V::Ints sums[R];
     for (int r = 0; r < R; ++r) sums[r] = V::set(0);
     for (int s = 0; s < 8; ++s) {  // sub-blocks of 32 weights
-      const typename V::Ints scale = V::u8(t + TILE * field_offset(Q4_K, SC) + TILE * s);
-      typename V::Bytes w[8];
-      for (int e = 0; e < 4; ++e) {
-        const typename V::Bytes v = V::load(t + TILE * field_offset(Q4_K, Q4_QS) + 64 * (4 * s + e));
-        w[2 * e] = V::shr_and(v, 0, 0x0f);
-        w[2 * e + 1] = V::shr_and(v, 4, 0x0f);
-      }
-      for (int r = 0; r < R; ++r) dot[r] = V::set(0);
-      dot_rows<V, R>(dot, w, 0, 8, x, SUPER * blk + 32 * s);
-      for (int r = 0; r < R; ++r) sums[r] = V::add(sums[r], V::mul(dot[r], scale));
+      const auto codes = [&](int e) __attribute__((always_inline)) { return V::shr_and(V::load(at<Q4_K>(t, Q4_QS, 4 * s + e / 2, c0)), 4 * (e % 2), 0x0f); };
+      scaled_dots<V, R, 15>(sums, V::scale_u8(at<Q4_K>(t, SC, s, c0)), codes, 8, x, SUPER * blk + 32 * s);
     }
-    const typename V::Floats d = V::halves(t + TILE * field_offset(Q4_K, D)), dmin = V::halves(t + TILE * field_offset(Q4_K, DMIN));
+    const typename V::Floats d = V::halves(at<Q4_K>(t, D, 0, c0)), dmin = V::halves(at<Q4_K>(t, DMIN, 0, c0));
     typename V::Ints mins[4];
-    for (int j = 0; j < 4; ++j) mins[j] = V::u8_pairs(t + TILE * field_offset(Q4_K, MN) + 2 * TILE * j);
+    for (int j = 0; j < 4; ++j) mins[j] = V::u8_pairs(at<Q4_K>(t, MN, j, c0));
     for (int r = 0; r < R; ++r) {
       typename V::Ints offs = V::set(0);
       for (int j = 0; j < 4; ++j) offs = V::pair_dot(offs, mins[j], x.s32[r] + 8 * blk + 2 * j);
@@ -139,39 +177,32 @@ void q4_k_rows(const uint8_t* tiles, int64_t blocks, const Activations& a, int64
 
 // Bits 2t, 2t+1 of each byte of Q6_K's high-bit element, moved to bits 4, 5.
 template <class V>
-typename V::Bytes q6_high(typename V::Bytes h, int t) {
+ALWAYS_INLINE typename V::Bytes q6_high(typename V::Bytes h, int t) {
   return t < 2 ? V::shl_and(h, 4 - 2 * t, 0x30) : V::shr_and(h, 2 * t - 4, 0x30);
 }
 
+// Q6_K: per sub-block of 16 weights, scale * (codes . x), codes being q + 32; the 32 * scale
+// offsets through the activations' sums of 16.
 template <class V, int R>
 void q6_k_rows(const uint8_t* tiles, int64_t blocks, const Activations& a, int64_t r0, float* out) {
   const Rows<R> x(a, r0);
-  walk_blocks<V, R, Q6_K>(tiles, blocks, out, [&](const uint8_t* t, int64_t blk, typename V::Floats* acc) {
-    typename V::Ints sums[R], dot0[R], dot1[R];
-    for (int r = 0; r < R; ++r) sums[r] = V::set(0);
+  walk_blocks<V, R, Q6_K>(tiles, blocks, out, [&](const uint8_t* t, int64_t blk, int c0, typename V::Floats* acc) __attribute__((always_inline)) {
+    typename V::Ints sums[R], offs[R];
+    for (int r = 0; r < R; ++r) sums[r] = offs[r] = V::set(0);
     for (int j = 0; j < 8; ++j) {  // pairs of sub-blocks of 16 weights
-      const typename V::Ints scales = V::i8_pairs(t + TILE * field_offset(Q6_K, Q6_SC) + 2 * TILE * j);
-      typename V::Bytes w[8];
-      for (int h = 0; h < 2; ++h) {
-        const typename V::Bytes high = V::load(t + TILE * field_offset(Q6_K, Q6_QH) + 64 * (2 * j + h));
-        for (int e = 0; e < 2; ++e) {
-          const typename V::Bytes v = V::load(t + TILE * field_offset(Q6_K, Q6_QS) + 64 * (4 * j + 2 * h + e));
-          w[4 * h + 2 * e] = V::or_(V::shr_and(v, 0, 0x0f), q6_high<V>(high, 2 * e));
-          w[4 * h + 2 * e + 1] = V::or_(V::shr_and(v, 4, 0x0f), q6_high<V>(high, 2 * e + 1));
-        }
+      const typename V::Ints scales = V::i8_pairs(at<Q6_K>(t, Q6_SC, j, c0));
+      for (int r = 0; r < R; ++r) offs[r] = V::pair_dot(offs[r], scales, x.s16[r] + 16 * blk + 2 * j);
+      for (int h = 0; h < 2; ++h) {  // sub-block 2j + h: elements 2h, 2h + 1 of low nibbles
+        const auto codes = [&](int e) __attribute__((always_inline)) {
+          const typename V::Bytes low = V::load(at<Q6_K>(t, Q6_QS, 4 * j + 2 * h + e / 2, c0));
+          const typename V::Bytes high = V::load(at<Q6_K>(t, Q6_QH, 2 * j + h, c0));
+          return V::or_(V::shr_and(low, 4 * (e % 2), 0x0f), q6_high<V>(high, e));
+        };
+        scaled_dots<V, R, 63>(sums, V::scale_half(scales, h), codes, 4, x, SUPER * blk + 32 * j + 16 * h);
       }
-      for (int r = 0; r < R; ++r) {  // codes are q + 32
-        const int16_t* xs = x.s16[r] + 16 * blk + 2 * j;
-        dot0[r] = V::set(-32 * xs[0]);
-        dot1[r] = V::set(-32 * xs[1]);
-      }
-      dot_rows<V, R>(dot0, w, 0, 4, x, SUPER * blk + 32 * j);
-      dot_rows<V, R>(dot1, w, 4, 4, x, SUPER * blk + 32 * j);
-      const typename V::Ints scale0 = V::low16(scales), scale1 = V::high16(scales);
-      for (int r = 0; r < R; ++r) sums[r] = V::add(sums[r], V::add(V::mul(dot0[r], scale0), V::mul(dot1[r], scale1)));
     }
-    const typename V::Floats d = V::halves(t + TILE * field_offset(Q6_K, D));
-    for (int r = 0; r < R; ++r) acc[r] = V::fmadd(V::fmul(d, V::cvt(sums[r])), V::fset(x.d[r][blk]), acc[r]);
+    const typename V::Floats d = V::halves(at<Q6_K>(t, D, 0, c0));
+    for (int r = 0; r < R; ++r) acc[r] = V::fmadd(V::fmul(d, V::cvt(V::sub(sums[r], V::shl(offs[r], 5)))), V::fset(x.d[r][blk]), acc[r]);
   });
 }
 
@@ -179,44 +210,55 @@ void q6_k_rows(const uint8_t* tiles, int64_t blocks, const Activations& a, int64
 // applies once per 8 blocks.
 template <class V, int R, int QTYPE>
 void q32_rows(const uint8_t* tiles, int64_t blocks, const Activations& a, int64_t r0, float* out) {
-  constexpr int BYTES = TILE * packed_bytes(QTYPE), OFFSET = QTYPE == Q8_0 ? 128 : QTYPE == Q5_0 ? 16 : 8;
+  constexpr int BYTES = TILE * packed_bytes(QTYPE), OFFSET = QTYPE == Q8_0 ? 128 : QTYPE == Q5_0 ? 16 : 8, PARTS = TILE / V::LANES;
   const Rows<R> x(a, r0);
-  typename V::Floats acc[R], group[R];
-  typename V::Ints dot[R];
-  for (int r = 0; r < R; ++r) acc[r] = V::fzero();
+  typename V::Floats acc[PARTS][R], group[PARTS][R];
+  for (int c = 0; c < PARTS; ++c)
+    for (int r = 0; r < R; ++r) acc[c][r] = V::fzero();
   for (int64_t g = 0; g * 8 < blocks; ++g) {
-    for (int r = 0; r < R; ++r) group[r] = V::fzero();
+    for (int c = 0; c < PARTS; ++c)
+      for (int r = 0; r < R; ++r) group[c][r] = V::fzero();
     for (int64_t blk = 8 * g; blk < std::min<int64_t>(blocks, 8 * g + 8); ++blk) {
       const uint8_t* t = tiles + blk * BYTES;
       V::prefetch(t + PREFETCH, BYTES);
-      typename V::Bytes w[8];
-      if (QTYPE == Q8_0) {
-        for (int e = 0; e < 8; ++e) w[e] = V::load(t + TILE * field_offset(Q8_0, Q8_QS) + 64 * e);
-      } else if (QTYPE == Q4_0) {
-        for (int i = 0; i < 4; ++i) {
-          const typename V::Bytes v = V::load(t + TILE * field_offset(Q4_0, Q40_QS) + 64 * i);
-          w[2 * i] = V::shr_and(v, 0, 0x0f);
-          w[2 * i + 1] = V::shr_and(v, 4, 0x0f);
-        }
-      } else {
-        const typename V::Bytes high = V::load(t + TILE * field_offset(Q5_0, Q5_QH));
-        for (int i = 0; i < 4; ++i) {
-          const typename V::Bytes v = V::load(t + TILE * field_offset(Q5_0, Q5_QS) + 64 * i);
-          for (int h = 0; h < 2; ++h) {
-            const int bit = 2 * i + h;  // -> bit 4
-            const typename V::Bytes fifth = bit <= 4 ? V::shl_and(high, 4 - bit, 0x10) : V::shr_and(high, bit - 4, 0x10);
-            w[bit] = V::or_(V::shr_and(v, 4 * h, 0x0f), fifth);
+      for (int c = 0; c < PARTS; ++c) {  // the lanes from column c0
+        const int c0 = c * V::LANES;
+        const auto codes = [&](int e) __attribute__((always_inline)) {
+          if constexpr (QTYPE == Q8_0) {
+            return V::load(at<Q8_0>(t, Q8_QS, e, c0));
+          } else if constexpr (QTYPE == Q4_0) {
+            return V::shr_and(V::load(at<Q4_0>(t, Q40_QS, e / 2, c0)), 4 * (e % 2), 0x0f);
+          } else {
+            const typename V::Bytes low = V::shr_and(V::load(at<Q5_0>(t, Q5_QS, e / 2, c0)), 4 * (e % 2), 0x0f);
+            const typename V::Bytes high = V::load(at<Q5_0>(t, Q5_QH, 0, c0));  // bit e of each byte -> bit 4
+            return V::or_(low, e <= 4 ? V::shl_and(high, 4 - e, 0x10) : V::shr_and(high, e - 4, 0x10));
+          }
+        };
+        typename V::Ints dot[R];
+        for (int r = 0; r < R; ++r) dot[r] = V::set(-OFFSET * x.s32[r][blk]);
+        if constexpr (QTYPE == Q8_0) {
+          for (int e = 0; e < 8; ++e) {
+            const typename V::Bytes we = codes(e);
+            for (int r = 0; r < R; ++r) dot[r] = V::wide_dot(dot[r], we, x.codes(r, 32 * blk + 4 * e));
+          }
+        } else {
+          constexpr int RUN = V::run(QTYPE == Q5_0 ? 31 : 15);
+          for (int e0 = 0; e0 < 8; e0 += RUN) {
+            typename V::Part part[R];
+            for (int r = 0; r < R; ++r) part[r] = V::begin(dot[r]);
+            dots<V, R>(part, codes, e0, std::min(RUN, 8 - e0), x, 32 * blk);
+            for (int r = 0; r < R; ++r) dot[r] = V::end(dot[r], part[r]);
           }
         }
+        const typename V::Floats d = V::halves(at<QTYPE>(t, D, 0, c0));
+        for (int r = 0; r < R; ++r) group[c][r] = V::fmadd(V::cvt(dot[r]), d, group[c][r]);
       }
-      for (int r = 0; r < R; ++r) dot[r] = V::set(-OFFSET * x.s32[r][blk]);
-      dot_rows<V, R>(dot, w, 0, 8, x, 32 * blk, QTYPE == Q8_0);
-      const typename V::Floats d = V::halves(t + TILE * field_offset(QTYPE, D));
-      for (int r = 0; r < R; ++r) group[r] = V::fmadd(V::cvt(dot[r]), d, group[r]);
     }
-    for (int r = 0; r < R; ++r) acc[r] = V::fmadd(group[r], V::fset(x.d[r][g]), acc[r]);
+    for (int c = 0; c < PARTS; ++c)
+      for (int r = 0; r < R; ++r) acc[c][r] = V::fmadd(group[c][r], V::fset(x.d[r][g]), acc[c][r]);
   }
-  for (int r = 0; r < R; ++r) V::store(out + TILE * r, acc[r]);
+  for (int c = 0; c < PARTS; ++c)
+    for (int r = 0; r < R; ++r) V::store(out + TILE * r + c * V::LANES, acc[c][r]);
 }
 
 // R rows (1 <= R <= V::ROWS) of one column group: out[R][TILE].
