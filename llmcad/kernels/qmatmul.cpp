@@ -103,7 +103,7 @@ constexpr int field_offset(int qtype, int field) {  // bytes per column before `
 
 constexpr int packed_bytes(int qtype) { return field_offset(qtype, FORMATS[qtype].fields); }  // per column and block
 
-uint8_t* element(uint8_t* tile, int qtype, int field, int i, int width, int c) {
+ALWAYS_INLINE uint8_t* element(uint8_t* tile, int qtype, int field, int i, int width, int c) {
   return tile + field_offset(qtype, field) * width + (i * width + c) * FORMATS[qtype].field[field].size;
 }
 
@@ -326,6 +326,7 @@ struct Activations {
   std::vector<int8_t> q;
   std::vector<float> d;
   std::vector<int16_t> s16, s32;  // sums of every 16 and 32 quantized values
+  std::vector<int8_t> row;         // one row's codes before they are interleaved (kept: no allocation per call)
   const float* drow(int64_t r) const { return d.data() + r * groups; }
   const int16_t* s16row(int64_t r) const { return s16.data() + r * (kpad / 16); }
   const int16_t* s32row(int64_t r) const { return s32.data() + r * (kpad / 32); }

@@ -42,10 +42,10 @@ void quantize_rows(const float* x, int64_t m, int64_t k, Activations& a) {
   a.d.assign(m * a.groups, 0.f);
   a.s16.resize(m * (a.kpad / 16));
   a.s32.resize(m * (a.kpad / 32));
-  std::vector<int8_t> q(a.kpad);
+  std::vector<int8_t>& q = a.row;
+  q.assign(a.kpad, 0);  // the padding past k stays zero
   for (int64_t r = 0; r < m; ++r) {
     const float* xr = x + r * k;
-    std::fill(q.begin(), q.end(), 0);
     for (int64_t g = 0; g < a.groups; ++g) {
       const int64_t lo = g * SUPER, hi = std::min<int64_t>(k, lo + SUPER);
       // the largest magnitude: |v|'s bits, compared as integers, order as |v| does
@@ -125,11 +125,10 @@ ALWAYS_INLINE void scaled_dots(typename V::Ints* sums, typename V::Scale scale, 
   }
 }
 
-// Element i of field `field` of a tile (TILE columns of a block of QTYPE, see FORMATS), from
-// column c0 on.
+// Element i of field `field` of a full tile of QTYPE, from column c0 on (`element`, read only).
 template <int QTYPE>
 ALWAYS_INLINE const uint8_t* at(const uint8_t* t, int field, int i, int c0) {
-  return t + field_offset(QTYPE, field) * TILE + (i * TILE + c0) * FORMATS[QTYPE].field[field].size;
+  return element(const_cast<uint8_t*>(t), QTYPE, field, i, TILE, c0);
 }
 
 // The walk the K-quant kernels share: R rows' float sums over the blocks of one column group,
