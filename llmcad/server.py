@@ -6,6 +6,9 @@ timeout, counted from its arrival): reached while queued, the answer is 503; rea
 generating, the generation stops and ends with finish_reason "length". A client that goes
 away (a write to it fails, or its socket shows end-of-file, polled between engine steps and
 while it waits in the queue) gives up its place or ends its generation at the next step.
+Closing the server (Ctrl-C on `llmcad serve`) answers the queued requests 503, ends the
+running generation at its next step as its deadline would, and waits for it: no thread is
+left computing when the engine closes and the interpreter exits.
 Errors have OpenAI's shape: {"error": {"message", "type", "param", "code"}}.
 """
 
@@ -248,7 +251,7 @@ class Queue:
         self.size = size
         self._cond = threading.Condition()
         self._waiting: deque[object] = deque()
-        self._busy = False
+        self._busy = self._closed = False
         self._mean_s = 1.0  # moving average of a generation's duration, for Retry-After
 
     @property
@@ -258,6 +261,19 @@ class Queue:
     @property
     def busy(self) -> bool:
         return self._busy
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def close(self) -> None:
+        """Refuse new turns, answer the waiting ones 503, and wait until the running
+        generation (which sees `closed` at its next step) gives its turn back."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+            while self._busy:
+                self._cond.wait()
 
     @contextmanager
     def turn(self, deadline: float, gone: Callable[[], bool]) -> Iterator[None]:
@@ -274,7 +290,7 @@ class Queue:
             ticket = object()
             self._waiting.append(ticket)
             try:
-                while self._busy or self._waiting[0] is not ticket:
+                while not self._closed and (self._busy or self._waiting[0] is not ticket):
                     left = deadline - time.monotonic()
                     if left <= 0:
                         raise ApiError(
@@ -286,6 +302,8 @@ class Queue:
                     self._cond.wait(min(left, QUEUE_POLL_S))
                     if gone():
                         raise ClientGone
+                if self._closed:
+                    raise ApiError(503, "The server is shutting down.", code="shutting_down")
             finally:
                 self._waiting.remove(ticket)
                 self._cond.notify_all()
@@ -355,7 +373,7 @@ class Metrics:
             metric("llmcad_requests_total", "counter", "HTTP requests answered, by endpoint and status.", [
                 (f'{{endpoint="{path}",status="{status}"}}', n) for (path, status), n in sorted(self.requests.items())
             ])
-            metric("llmcad_cancelled_total", "counter", "Generations ended early, by reason (disconnect, timeout).", [
+            metric("llmcad_cancelled_total", "counter", "Generations ended early, by reason (disconnect, timeout, shutdown).", [
                 (f'{{reason="{reason}"}}', n) for reason, n in sorted(self.cancelled.items())
             ])
             metric("llmcad_prompt_tokens_total", "counter", "Prompt tokens processed.", [("", self.prompt_tokens)])
@@ -415,6 +433,13 @@ class Server(ThreadingHTTPServer):
     def url(self) -> str:
         host, port = self.server_address[:2]
         return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+    def server_close(self) -> None:
+        """Stop listening, then wait for the running generation to end (see the module's docstring)."""
+        super().server_close()
+        if self.queue.busy:
+            print("llmcad: stopping: the running generation ends at its next step", file=sys.stderr, flush=True)
+        self.queue.close()
 
     def handle_error(self, request, client_address) -> None:
         """A client that vanished is routine; anything else is a bug worth a traceback."""
@@ -540,6 +565,9 @@ class Handler(BaseHTTPRequestHandler):
                         raise ClientGone
                     elif time.monotonic() - arrived > s.request_timeout:
                         outcome = "timeout"
+                        break
+                    elif s.queue.closed:
+                        outcome = "shutdown"
                         break
             except ClientGone:
                 outcome = "disconnect"

@@ -648,6 +648,45 @@ def test_waiting_past_the_time_limit_is_503(local, engine):
     assert error_of(data)["code"] == "queue_timeout"
 
 
+def test_closing_ends_the_running_generation_and_refuses_the_queued(engine):
+    """server_close() answers the waiting request 503, ends the running stream as its deadline
+    would (finish_reason "length", then [DONE]) and returns only once no generation runs."""
+
+    class Slow:  # the engine at 20 pieces a second: the generation is surely under way when closing
+        def __getattr__(self, name):
+            return getattr(engine, name)
+
+        def stream(self, *args, **options):
+            for piece in engine.stream(*args, **options):
+                time.sleep(0.05)
+                yield piece
+
+    server = make_server(Slow(), "127.0.0.1", 0, model_ids=[engine.name])
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    port = server.server_address[1]
+    body = {"model": engine.name, "prompt": "hello", "max_tokens": 1000, "ignore_eos": True, "stream": True, **GREEDY}
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    conn.request("POST", "/v1/completions", body=json.dumps(body), headers={"Content-Type": "application/json"})
+    stream = conn.getresponse()
+    assert stream.status == 200 and stream.readline().startswith(b"data: ")  # generating
+    waiting: list[tuple[int, bytes]] = []
+    waiter = threading.Thread(target=lambda: waiting.append(request(port, "POST", "/v1/completions", {"model": engine.name, "prompt": "hi"})[::2]))
+    waiter.start()
+    while server.queue.depth == 0:
+        time.sleep(0.01)
+    server.shutdown()
+    server.server_close()
+    assert not server.queue.busy
+    waiter.join(timeout=10)
+    assert waiting[0][0] == 503 and error_of(waiting[0][1])["code"] == "shutting_down"
+    events = [line[6:] for line in stream.read().split(b"\n") if line.startswith(b"data: ")]
+    conn.close()
+    assert events[-1] == b"[DONE]"
+    assert json.loads(events[-2])["choices"][0]["finish_reason"] == "length"
+    assert 'llmcad_cancelled_total{reason="shutdown"} 1' in server.metrics.render(server.queue)
+
+
 # ---- metrics of speculative decoding ------------------------------------------------------------
 
 
@@ -698,7 +737,8 @@ def test_metrics_sum_bytes_read_when_the_engine_reports_them():
 
 def test_serve_streams_a_real_target_under_a_budget_with_a_draft(smollm2):
     """`llmcad serve --draft --memory-budget`: the plan is printed, the target is streamed
-    (bytes in /metrics), the greedy answer is the target's own, and Ctrl-C ends it cleanly."""
+    (bytes in /metrics), the greedy answer is the target's own, and Ctrl-C in the middle of
+    a second answer ends that answer and then the server cleanly."""
     options = ["--target", str(smollm2), "--draft", str(smollm2), "--max-context", str(CONTEXT)]
     budget = minimum_budget(options) + 10 * 2**20  # a few resident layers: most of the target streams
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
@@ -720,11 +760,20 @@ def test_serve_streams_a_real_target_under_a_budget_with_a_draft(smollm2):
         client.close()
         status, _, body = request(port, "GET", "/metrics", key=None)
         assert status == 200
-    finally:
-        proc.send_signal(signal.SIGINT)
-        _, stderr = proc.communicate(timeout=30)
+        client = openai.OpenAI(base_url=url.group(1), api_key="none", max_retries=0, timeout=120)
+        chunks = iter(client.chat.completions.create(model=smollm2.name, messages=messages, max_tokens=900, stream=True, **GREEDY, **NO_EOS))
+        next(chunks)  # the second answer is under way
+    except BaseException:
+        proc.kill()
+        proc.communicate()
+        raise
+    proc.send_signal(signal.SIGINT)
+    last = list(chunks)[-1]
+    client.close()
+    _, stderr = proc.communicate(timeout=60)
     stderr = stderr.decode()
-    assert proc.returncode == 130 and stderr.rstrip().endswith("llmcad: interrupted"), stderr[-2000:]
+    assert last.choices[0].finish_reason == "length"
+    assert proc.returncode == 130 and stderr.rstrip().endswith("llmcad: interrupted"), stderr[-2000:]  # not an abort
     assert "Traceback" not in stderr, stderr
     assert f"memory plan (budget {budget >> 20} MB" in stderr
     per_pass_mb = int(re.search(r"streamed per pass\s+(\d+) MB", stderr).group(1))
