@@ -423,11 +423,11 @@ class Server(ThreadingHTTPServer):
         request_timeout: float = 600.0,
     ):
         self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
-        super().__init__(address, Handler)
         self.engine, self.model_ids, self.api_key = engine, model_ids, api_key
-        self.queue, self.metrics = Queue(queue_size), Metrics()
+        self.queue, self.metrics = Queue(queue_size), Metrics()  # before binding: a failed bind calls server_close
         self.request_timeout = request_timeout
         self.started = int(time.time())
+        super().__init__(address, Handler)
 
     @property
     def url(self) -> str:
