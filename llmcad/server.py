@@ -7,8 +7,9 @@ generating, the generation stops and ends with finish_reason "length". A client 
 away (a write to it fails, or its socket shows end-of-file, polled between engine steps and
 while it waits in the queue) gives up its place or ends its generation at the next step.
 Closing the server (Ctrl-C on `llmcad serve`) answers the queued requests 503, ends the
-running generation at its next step as its deadline would, and waits for it: no thread is
-left computing when the engine closes and the interpreter exits.
+running generation at its next step as its deadline would, and waits for every connection's
+thread to end: none is left running (even freeing tensors) when the engine closes and the
+interpreter exits, which kills such a thread inside PyTorch and aborts the process.
 Errors have OpenAI's shape: {"error": {"message", "type", "param", "code"}}.
 """
 
@@ -409,7 +410,7 @@ def _resident_bytes() -> int | None:
 class Server(ThreadingHTTPServer):
     """The HTTP server: one thread per connection, one engine, one generation at a time."""
 
-    daemon_threads = True
+    daemon_threads = False  # server_close joins the connections' threads
     request_queue_size = 128  # listen backlog: bursts of connections are accepted, then queued or refused
 
     def __init__(
@@ -427,6 +428,8 @@ class Server(ThreadingHTTPServer):
         self.queue, self.metrics = Queue(queue_size), Metrics()  # before binding: a failed bind calls server_close
         self.request_timeout = request_timeout
         self.started = int(time.time())
+        self._connections: set[socket.socket] = set()
+        self._connections_lock = threading.Lock()
         super().__init__(address, Handler)
 
     @property
@@ -434,12 +437,30 @@ class Server(ThreadingHTTPServer):
         host, port = self.server_address[:2]
         return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
+    def process_request(self, request: socket.socket, client_address) -> None:
+        with self._connections_lock:
+            self._connections.add(request)
+        super().process_request(request, client_address)
+
+    def shutdown_request(self, request: socket.socket) -> None:
+        with self._connections_lock:
+            self._connections.discard(request)
+        super().shutdown_request(request)
+
     def server_close(self) -> None:
-        """Stop listening, then wait for the running generation to end (see the module's docstring)."""
-        super().server_close()
+        """Stop listening, end the running generation at its next step, then wait for every
+        connection's thread (see the module's docstring)."""
+        self.socket.close()
         if self.queue.busy:
             print("llmcad: stopping: the running generation ends at its next step", file=sys.stderr, flush=True)
         self.queue.close()
+        with self._connections_lock:
+            for connection in self._connections:  # one waiting for its next request ends now
+                try:
+                    connection.shutdown(socket.SHUT_RD)
+                except OSError:
+                    pass
+        super().server_close()  # joins the threads
 
     def handle_error(self, request, client_address) -> None:
         """A client that vanished is routine; anything else is a bug worth a traceback."""

@@ -650,7 +650,8 @@ def test_waiting_past_the_time_limit_is_503(local, engine):
 
 def test_closing_ends_the_running_generation_and_refuses_the_queued(engine):
     """server_close() answers the waiting request 503, ends the running stream as its deadline
-    would (finish_reason "length", then [DONE]) and returns only once no generation runs."""
+    would (finish_reason "length", then [DONE]) and returns once every connection's thread has
+    ended, without waiting out an idle kept-alive connection."""
 
     class Slow:  # the engine at 20 pieces a second: the generation is surely under way when closing
         def __getattr__(self, name):
@@ -670,14 +671,19 @@ def test_closing_ends_the_running_generation_and_refuses_the_queued(engine):
     conn.request("POST", "/v1/completions", body=json.dumps(body), headers={"Content-Type": "application/json"})
     stream = conn.getresponse()
     assert stream.status == 200 and stream.readline().startswith(b"data: ")  # generating
+    idle = socket.create_connection(("127.0.0.1", port))  # a kept-alive connection with no request
     waiting: list[tuple[int, bytes]] = []
     waiter = threading.Thread(target=lambda: waiting.append(request(port, "POST", "/v1/completions", {"model": engine.name, "prompt": "hi"})[::2]))
     waiter.start()
     while server.queue.depth == 0:
         time.sleep(0.01)
     server.shutdown()
+    start = time.perf_counter()
     server.server_close()
+    assert time.perf_counter() - start < 2.0  # the idle connection did not hold it up
     assert not server.queue.busy
+    assert not [t for t in threading.enumerate() if "process_request_thread" in t.name]  # every connection's thread ended
+    idle.close()
     waiter.join(timeout=10)
     assert waiting[0][0] == 503 and error_of(waiting[0][1])["code"] == "shutting_down"
     events = [line[6:] for line in stream.read().split(b"\n") if line.startswith(b"data: ")]
