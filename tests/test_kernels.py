@@ -226,6 +226,53 @@ def test_attention_refuses_mismatched_shapes():
         kernels.attention(torch.zeros(1, 3, 32), k, v, 10, None, 1.0)  # 3 heads over 2 key/value heads
 
 
+def test_rms_norm_rows_are_their_own_and_as_accurate_as_pytorch_s():
+    """The native norm: each row's bits alone as in a batch or a strided view, within an ulp of
+    PyTorch's formula and no farther from the float64 value than it."""
+    g = torch.Generator().manual_seed(3)
+    x, w = torch.randn(9, 4, 96, generator=g) * 5, torch.randn(96, generator=g)
+    out = kernels.rms_norm(x, w, 1e-6)
+    exact = x.double() * torch.rsqrt(x.double().pow(2).mean(-1, keepdim=True) + 1e-6) * w.double()
+    torch_out = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * w
+    assert (out.double() - exact).abs().max() <= (torch_out.double() - exact).abs().max()
+    assert torch.allclose(out, torch_out, rtol=1e-6, atol=0)
+    assert torch.equal(kernels.rms_norm(x[4, 2], w, 1e-6), out[4, 2])
+    wide = torch.randn(9, 4, 200, generator=g)
+    wide[..., 50:146] = x
+    assert torch.equal(kernels.rms_norm(wide[..., 50:146], w, 1e-6), out)  # rows 200 floats apart
+    with pytest.raises(ValueError, match="not float32"):
+        kernels.rms_norm(x, w[:95], 1e-6)
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("heads, kv_heads, dim, rot", [(12, 2, 128, 128), (4, 4, 40, 24)])
+def test_rotary_attention_is_the_model_s_rotation_cache_writes_and_attention(path, heads, kv_heads, dim, rot):
+    """The one-call path the model takes with the library gives the bits of its PyTorch
+    rotation (whole or partial), its cache writes and `attention`, from strided views of one
+    product's output; cache slots outside the pass's are left alone."""
+    from llmcad.model import rotate
+
+    g = torch.Generator().manual_seed(dim)
+    rows, start, capacity = 5, 37, 64
+    qkv = torch.randn(rows, (heads + 2 * kv_heads) * dim + 3, generator=g)  # the columns of one product, padded
+    q, k, v = qkv[:, 3:].split([heads * dim, kv_heads * dim, kv_heads * dim], dim=1)
+    q, k, v = q.view(rows, heads, dim), k.view(rows, kv_heads, dim), v.view(rows, kv_heads, dim)
+    angles = torch.randn(rows, 1, rot // 2, generator=g).repeat(1, 1, 2) * 3
+    cos, sin = angles.cos(), angles.sin()
+    k_cache, v_cache = torch.randn(kv_heads, dim, capacity, generator=g), torch.randn(kv_heads, capacity, dim, generator=g)
+    mask = torch.rand(rows, start + rows, generator=g) > 0.3
+    mask[:, 0] = True
+    want_k, want_v = k_cache.clone(), v_cache.clone()
+    want_k[:, :, start : start + rows] = rotate(k, cos, sin).permute(1, 2, 0)
+    want_v[:, start : start + rows] = v.transpose(0, 1)
+    want = kernels.attention(rotate(q, cos, sin), want_k, want_v, start + rows, mask, 0.1, path=path)
+    got = kernels.rotary_attention(q, k, v, cos, sin, k_cache, v_cache, start, mask, 0.1, path=path)
+    assert torch.equal(got, want) and torch.equal(k_cache, want_k) and torch.equal(v_cache, want_v)
+    with pytest.raises(ValueError, match="cannot take"):
+        kernels.rotary_attention(q, k, v, cos, sin, k_cache, v_cache, capacity - 2, None, 0.1, path=path)
+    assert torch.equal(k_cache, want_k) and torch.equal(v_cache, want_v)
+
+
 @pytest.mark.parametrize("path", PATHS)
 def test_attention_does_not_depend_on_where_the_attended_slots_lie(path):
     """A tree node attends to the prefix and to its ancestors, scattered among other nodes'

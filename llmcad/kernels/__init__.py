@@ -1,5 +1,6 @@
 """Native kernels for GGUF's quantized formats: y = x W^T with W in Q4_K, Q6_K, Q8_0, Q5_0 or
-Q4_0; a Q4_0 quantizer; and attention over a KV cache.
+Q4_0; a Q4_0 quantizer; attention over a KV cache; and the glue of a layer that costs
+PyTorch many small ops (the rotary embedding with the cache writes, RMSNorm).
 
 The C++ library (`qmatmul.cpp` with its kernel templates `tiles.h`, built by `pip install` as
 `_qmatmul*.so` beside this file and loaded with ctypes) works on matrices repacked once by
@@ -9,7 +10,10 @@ activation rows. It quantizes each activation row to int8 on its own; every outp
 same bits whatever the number of rows in the call, the thread count and the dispatch path, so
 verifying a token tree reproduces one-token decoding exactly. `attention` (`attention.h`)
 computes each query row and head on its own in float32 in one fixed order, with the same
-guarantee.
+guarantee; `rotary_attention` rotates a pass's queries and keys (the bits of `model.rotate`),
+stores its keys and values and attends, in one call; `rms_norm` normalizes each row on its own.
+The model calls these two where PyTorch would spend ~25 ops a layer (~0.2 ms on this project's
+2-core test machine).
 
 Dispatch paths: `avx512` (AVX-512 F/BW/VL/VNNI), `avxvnni` (AVX2 with AVX-VNNI), `avx2`
 (AVX2, FMA, F16C) and `portable` (plain C++); the best one this CPU runs is used unless
@@ -33,7 +37,7 @@ QTYPES = {"q4_k": (256, 144, 12), "q6_k": (256, 210, 14), "q8_0": (32, 34, 8), "
 PACKED_BYTES = {"q4_k": 148, "q6_k": 210, "q8_0": 34, "q5_0": 22, "q4_0": 18}  # per column and block, packed
 QTYPE_IDS = {name: i for i, name in enumerate(QTYPES)}  # the library's numbering
 TILE_COLUMNS = 16  # columns (output rows) a packed tile holds: a packed matrix splits only at multiples of it
-ABI = 3  # the library interface these bindings call (llmcad_abi)
+ABI = 4  # the library interface these bindings call (llmcad_abi)
 PATHS = ("portable", "avx2", "avxvnni", "avx512")
 PATH_ENV = "LLMCAD_KERNEL_PATH"
 
@@ -82,6 +86,11 @@ def _library() -> tuple[ctypes.CDLL | None, str]:
     f32 = ctypes.c_float
     lib.llmcad_attention.argtypes = [ctypes.c_int, ptr, i64, i64, i64, i64, ptr, ptr, i64, i64, ptr, f32, f32, ptr, ctypes.c_int]
     lib.llmcad_attention.restype = ctypes.c_int
+    lib.llmcad_rotary_attention.argtypes = [ctypes.c_int, ptr, i64, ptr, i64, ptr, i64, i64, i64, i64, i64, ptr, ptr, i64, ptr, ptr, i64, i64,
+                                            ptr, f32, f32, ptr, ctypes.c_int]
+    lib.llmcad_rotary_attention.restype = ctypes.c_int
+    lib.llmcad_rms_norm.argtypes = [ptr, i64, i64, i64, ptr, f32, ptr]
+    lib.llmcad_rms_norm.restype = ctypes.c_int
     lib.llmcad_use_openmp.argtypes = [ptr, ptr, ptr]
     lib.llmcad_use_openmp.restype = None
     lib.llmcad_use_openmp(*_torch_openmp())
@@ -260,4 +269,58 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: int, mas
                                   None if mask is None else mask.data_ptr(), scale, softcap or 0.0, out.data_ptr(), torch.get_num_threads())
     if status:
         raise ValueError(f"llmcad_attention refused {heads} heads over {kv_heads} key/value heads")
+    return out
+
+
+def rotary_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
+                     v_cache: torch.Tensor, start: int, mask: torch.Tensor | None, scale: float, softcap: float | None = None,
+                     path: str | None = None) -> torch.Tensor:
+    """A layer's attention for one pass in one native call: q [T, heads, dim] and k [T, kv_heads,
+    dim] rotated by cos and sin ([T, 1, rot] float32: the half-split rotary embedding of each
+    head's first `rot` dims) with `model.rotate`'s arithmetic (the same bits), k and v
+    [T, kv_heads, dim] stored at cache slots start .. start + T, then `attention` over
+    start + T slots (mask [T, start + T] or None). q, k and v are float32 with each row's
+    heads contiguous; their rows may lie any distance apart (views of a product's columns).
+    Returns [T, heads * dim]."""
+    lib = _checked_library()
+    rows, heads, dim = q.shape
+    kv_heads, capacity = v_cache.shape[0], v_cache.shape[1]
+    rot = cos.shape[-1]
+    slots = start + rows
+    for name, t, h in (("queries", q, heads), ("keys", k, kv_heads), ("values", v, kv_heads)):
+        if t.shape != (rows, h, dim) or t.dtype != torch.float32 or t.stride(2) != 1 or t.stride(1) != dim:
+            raise ValueError(f"rotary_attention: {name} {tuple(t.shape)} {t.dtype} are not float32 [{rows}, {h}, {dim}] with contiguous heads")
+    if (k_cache.shape != (kv_heads, dim, capacity) or v_cache.shape[2] != dim or k_cache.dtype != torch.float32 or v_cache.dtype != torch.float32
+            or not (k_cache.is_contiguous() and v_cache.is_contiguous()) or not 0 <= start <= slots <= capacity):
+        raise ValueError(f"rotary_attention: cache {tuple(k_cache.shape)} / {tuple(v_cache.shape)} cannot take {rows} entries from slot {start}")
+    for t in (cos, sin):
+        if t.shape != (rows, 1, rot) or t.dtype != torch.float32 or not t.is_contiguous() or rot > dim or rot % 2:
+            raise ValueError(f"rotary_attention: cos/sin {tuple(t.shape)} {t.dtype} do not rotate {rows} rows of {dim} dims")
+    if mask is not None:
+        if mask.shape != (rows, slots) or mask.dtype != torch.bool:
+            raise ValueError(f"rotary_attention: mask {tuple(mask.shape)} {mask.dtype} is not bool [{rows}, {slots}]")
+        mask = mask.contiguous()
+    out = torch.empty(rows, heads * dim)
+    status = lib.llmcad_rotary_attention(PATHS.index(path or active_path()), q.data_ptr(), q.stride(0), k.data_ptr(), k.stride(0), v.data_ptr(),
+                                         v.stride(0), rows, heads, kv_heads, dim, cos.data_ptr(), sin.data_ptr(), rot, k_cache.data_ptr(),
+                                         v_cache.data_ptr(), capacity, start, None if mask is None else mask.data_ptr(), scale, softcap or 0.0,
+                                         out.data_ptr(), torch.get_num_threads())
+    if status:
+        raise ValueError(f"llmcad_rotary_attention refused {heads} heads over {kv_heads} key/value heads")
+    return out
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x / sqrt(mean(x^2) + eps) * weight over the last dimension of float32 x, in one native
+    call (PyTorch takes 6 ops): each row on its own, its mean of squares from a double sum."""
+    lib = _checked_library()
+    dim = x.shape[-1]
+    if x.dtype != torch.float32 or weight.dtype != torch.float32 or weight.shape != (dim,) or not weight.is_contiguous():
+        raise ValueError(f"rms_norm: input {tuple(x.shape)} {x.dtype} and weight {tuple(weight.shape)} {weight.dtype} are not float32 of {dim}")
+    rows = x.reshape(-1, dim)
+    if rows.stride(1) != 1:
+        rows = rows.contiguous()
+    out = torch.empty(x.shape)
+    if lib.llmcad_rms_norm(rows.data_ptr(), rows.shape[0], dim, rows.stride(0) if rows.shape[0] > 1 else dim, weight.data_ptr(), eps, out.data_ptr()):
+        raise ValueError(f"llmcad_rms_norm refused {tuple(x.shape)}")
     return out

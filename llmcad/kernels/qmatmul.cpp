@@ -750,7 +750,7 @@ LLMCAD_API int llmcad_paths() {
 
 // This interface's version: raised whenever a function below changes its arguments, so that a
 // library built from older sources is refused at load rather than called wrongly.
-LLMCAD_API int llmcad_abi() { return 3; }
+LLMCAD_API int llmcad_abi() { return 4; }
 
 // Columns a packed tile holds: a packed matrix splits into whole tiles only at multiples of it.
 LLMCAD_API int llmcad_tile_columns() { return TILE; }
@@ -834,6 +834,63 @@ LLMCAD_API int llmcad_attention(int path, const float* q, int64_t rows, int64_t 
   const AttentionJob job{q, k, v, mask, rows, heads, kv_heads, dim, slots, capacity, scale, softcap, out};
   const Kernels kernels = kernels_for(path);
   run_split(rows * heads, threads, [&](int64_t i0, int64_t i1) { kernels.attend(job, i0, i1); });
+  return 0;
+}
+
+// out[dim] = the rotary embedding of x[dim] (half-split layout, on its first `rot` dims; the
+// rest pass through) with cos and sin [rot]: x * cos + (-x2, x1) * sin, each product and the
+// sum rounded on its own, as model.rotate computes it in PyTorch, so the same bits.
+static void rotate_head(const float* x, const float* cos, const float* sin, int64_t rot, int64_t dim, float* out) {
+  const int64_t half = rot / 2;
+  for (int64_t i = 0; i < half; ++i) out[i] = x[i] * cos[i] + -x[i + half] * sin[i];
+  for (int64_t i = half; i < rot; ++i) out[i] = x[i] * cos[i] + x[i - half] * sin[i];
+  for (int64_t i = rot; i < dim; ++i) out[i] = x[i];
+}
+
+// A layer's attention for one pass in one call: its `rows` queries q and keys k rotated (cos
+// and sin [rows, rot]), its keys and values v stored at cache slots start .. start + rows (the
+// cache laid out as for llmcad_attention), then llmcad_attention over start + rows slots.
+// q [rows, heads, dim], k and v [rows, kv_heads, dim]: each row's heads contiguous, rows
+// q_stride, k_stride and v_stride floats apart. Returns 0, or -1 for a bad argument (the cache
+// then unchanged).
+LLMCAD_API int llmcad_rotary_attention(int path, const float* q, int64_t q_stride, const float* k, int64_t k_stride, const float* v,
+                                       int64_t v_stride, int64_t rows, int64_t heads, int64_t kv_heads, int64_t dim, const float* cos,
+                                       const float* sin, int64_t rot, float* k_cache, float* v_cache, int64_t capacity, int64_t start,
+                                       const uint8_t* mask, float scale, float softcap, float* out, int threads) {
+  if (!path_supported(path) || rows <= 0 || kv_heads <= 0 || heads % kv_heads || dim <= 0 || start < 0 || capacity < start + rows ||
+      rot < 0 || rot > dim || rot % 2)
+    return -1;
+  std::vector<float> rotated(rows * heads * dim), key(dim);
+  for (int64_t t = 0; t < rows; ++t) {
+    const float *c = cos + t * rot, *s = sin + t * rot;
+    for (int64_t h = 0; h < heads; ++h) rotate_head(q + t * q_stride + h * dim, c, s, rot, dim, rotated.data() + (t * heads + h) * dim);
+    for (int64_t h = 0; h < kv_heads; ++h) {
+      rotate_head(k + t * k_stride + h * dim, c, s, rot, dim, key.data());
+      for (int64_t d = 0; d < dim; ++d) k_cache[(h * dim + d) * capacity + start + t] = key[d];
+      std::memcpy(v_cache + (h * capacity + start + t) * dim, v + t * v_stride + h * dim, sizeof(float) * dim);
+    }
+  }
+  return llmcad_attention(path, rotated.data(), rows, heads, kv_heads, dim, k_cache, v_cache, capacity, start + rows, mask, scale, softcap,
+                          out, threads);
+}
+
+// out[r] = x[r] * (1 / sqrt(mean(x[r]^2) + eps)) * w for `rows` rows of `dim` floats (x's
+// rows x_stride apart, out's contiguous): the squares summed in double, in 8 lanes in a fixed
+// order, their mean rounded once to float; then PyTorch's sequence (x * rsqrt(mean + eps) *
+// w), each float operation correctly rounded. A row's bits depend on that row alone.
+LLMCAD_API int llmcad_rms_norm(const float* x, int64_t rows, int64_t dim, int64_t x_stride, const float* w, float eps, float* out) {
+  if (rows < 0 || dim <= 0 || x_stride < dim) return -1;
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* xr = x + r * x_stride;
+    double lanes[8] = {};
+    int64_t i = 0;
+    for (; i + 8 <= dim; i += 8)
+      for (int l = 0; l < 8; ++l) lanes[l] += (double)xr[i + l] * xr[i + l];
+    for (int l = 0; i < dim; ++i, ++l) lanes[l] += (double)xr[i] * xr[i];
+    const double sum = ((lanes[0] + lanes[4]) + (lanes[2] + lanes[6])) + ((lanes[1] + lanes[5]) + (lanes[3] + lanes[7]));
+    const float inv = 1.f / std::sqrt((float)(sum / dim) + eps);
+    for (i = 0; i < dim; ++i) out[r * dim + i] = xr[i] * inv * w[i];
+  }
   return 0;
 }
 
