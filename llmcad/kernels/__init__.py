@@ -247,6 +247,23 @@ def quantize(weight: torch.Tensor, qtype: str = "q4_0") -> torch.Tensor:
     return out
 
 
+def _cache_layout(k: torch.Tensor, v: torch.Tensor, dim: int) -> bool:
+    """Whether k and v are a cache layer as the attention kernels read it: contiguous float32
+    keys [kv_heads, dim, capacity] (transposed) and values [kv_heads, capacity, dim]."""
+    kv_heads, capacity = v.shape[0], v.shape[1]
+    return (k.shape == (kv_heads, dim, capacity) and v.shape[2] == dim and k.dtype == torch.float32 and v.dtype == torch.float32
+            and k.is_contiguous() and v.is_contiguous())
+
+
+def _checked_mask(caller: str, mask: torch.Tensor | None, rows: int, slots: int) -> torch.Tensor | None:
+    """An attention mask as the kernels read it: None, or bool [rows, slots], contiguous."""
+    if mask is None:
+        return None
+    if mask.shape != (rows, slots) or mask.dtype != torch.bool:
+        raise ValueError(f"{caller}: mask {tuple(mask.shape)} {mask.dtype} is not bool [{rows}, {slots}]")
+    return mask.contiguous()
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: int, mask: torch.Tensor | None, scale: float, softcap: float | None = None,
               path: str | None = None) -> torch.Tensor:
     """softmax(q k^T * scale, soft-capped, masked) v for q [T, heads, dim] over the first `slots`
@@ -257,12 +274,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: int, mas
     lib = _checked_library()
     rows, heads, dim = q.shape
     kv_heads, max_len = v.shape[0], v.shape[1]
-    if k.shape != (kv_heads, dim, max_len) or v.shape[2] != dim or k.dtype != torch.float32 or v.dtype != torch.float32 or not (k.is_contiguous() and v.is_contiguous()) or not 0 < slots <= max_len:
+    if not _cache_layout(k, v, dim) or not 0 < slots <= max_len:
         raise ValueError(f"attention: keys {tuple(k.shape)} and values {tuple(v.shape)} do not match queries {tuple(q.shape)} over {slots} slots")
-    if mask is not None:
-        if mask.shape != (rows, slots) or mask.dtype != torch.bool:
-            raise ValueError(f"attention: mask {tuple(mask.shape)} {mask.dtype} is not bool [{rows}, {slots}]")
-        mask = mask.contiguous()
+    mask = _checked_mask("attention", mask, rows, slots)
     q = q.contiguous().float()
     out = torch.empty(rows, heads * dim)
     status = lib.llmcad_attention(PATHS.index(path or active_path()), q.data_ptr(), rows, heads, kv_heads, dim, k.data_ptr(), v.data_ptr(), max_len, slots,
@@ -290,16 +304,12 @@ def rotary_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: tor
     for name, t, h in (("queries", q, heads), ("keys", k, kv_heads), ("values", v, kv_heads)):
         if t.shape != (rows, h, dim) or t.dtype != torch.float32 or t.stride(2) != 1 or t.stride(1) != dim:
             raise ValueError(f"rotary_attention: {name} {tuple(t.shape)} {t.dtype} are not float32 [{rows}, {h}, {dim}] with contiguous heads")
-    if (k_cache.shape != (kv_heads, dim, capacity) or v_cache.shape[2] != dim or k_cache.dtype != torch.float32 or v_cache.dtype != torch.float32
-            or not (k_cache.is_contiguous() and v_cache.is_contiguous()) or not 0 <= start <= slots <= capacity):
+    if not _cache_layout(k_cache, v_cache, dim) or not 0 <= start <= slots <= capacity:
         raise ValueError(f"rotary_attention: cache {tuple(k_cache.shape)} / {tuple(v_cache.shape)} cannot take {rows} entries from slot {start}")
     for t in (cos, sin):
         if t.shape != (rows, 1, rot) or t.dtype != torch.float32 or not t.is_contiguous() or rot > dim or rot % 2:
             raise ValueError(f"rotary_attention: cos/sin {tuple(t.shape)} {t.dtype} do not rotate {rows} rows of {dim} dims")
-    if mask is not None:
-        if mask.shape != (rows, slots) or mask.dtype != torch.bool:
-            raise ValueError(f"rotary_attention: mask {tuple(mask.shape)} {mask.dtype} is not bool [{rows}, {slots}]")
-        mask = mask.contiguous()
+    mask = _checked_mask("rotary_attention", mask, rows, slots)
     out = torch.empty(rows, heads * dim)
     status = lib.llmcad_rotary_attention(PATHS.index(path or active_path()), q.data_ptr(), q.stride(0), k.data_ptr(), k.stride(0), v.data_ptr(),
                                          v.stride(0), rows, heads, kv_heads, dim, cos.data_ptr(), sin.data_ptr(), rot, k_cache.data_ptr(),

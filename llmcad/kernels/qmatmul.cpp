@@ -821,6 +821,12 @@ LLMCAD_API int llmcad_matmul(int path, int count, const int* qtypes, const uint8
   return 0;
 }
 
+// The arguments both attention entry points check: a path this CPU runs, and query heads
+// that share key/value heads evenly.
+static bool attention_shape_ok(int path, int64_t rows, int64_t heads, int64_t kv_heads, int64_t dim) {
+  return path_supported(path) && rows > 0 && kv_heads > 0 && heads % kv_heads == 0 && dim > 0;
+}
+
 // out[rows, heads, dim] = softmax(q k^T * scale, soft-capped where softcap > 0, masked) v for
 // each query row and head, its key/value head being head / (heads / kv_heads), over the first
 // `slots` slots of a cache layer holding `capacity`: keys transposed, k [kv_heads, dim,
@@ -829,8 +835,7 @@ LLMCAD_API int llmcad_matmul(int path, int count, const int* qtypes, const uint8
 LLMCAD_API int llmcad_attention(int path, const float* q, int64_t rows, int64_t heads, int64_t kv_heads, int64_t dim, const float* k,
                                 const float* v, int64_t capacity, int64_t slots, const uint8_t* mask, float scale, float softcap,
                                 float* out, int threads) {
-  if (!path_supported(path) || rows <= 0 || kv_heads <= 0 || heads % kv_heads || dim <= 0 || slots <= 0 || capacity < slots)
-    return -1;
+  if (!attention_shape_ok(path, rows, heads, kv_heads, dim) || slots <= 0 || capacity < slots) return -1;
   const AttentionJob job{q, k, v, mask, rows, heads, kv_heads, dim, slots, capacity, scale, softcap, out};
   const Kernels kernels = kernels_for(path);
   run_split(rows * heads, threads, [&](int64_t i0, int64_t i1) { kernels.attend(job, i0, i1); });
@@ -857,9 +862,8 @@ LLMCAD_API int llmcad_rotary_attention(int path, const float* q, int64_t q_strid
                                        int64_t v_stride, int64_t rows, int64_t heads, int64_t kv_heads, int64_t dim, const float* cos,
                                        const float* sin, int64_t rot, float* k_cache, float* v_cache, int64_t capacity, int64_t start,
                                        const uint8_t* mask, float scale, float softcap, float* out, int threads) {
-  if (!path_supported(path) || rows <= 0 || kv_heads <= 0 || heads % kv_heads || dim <= 0 || start < 0 || capacity < start + rows ||
-      rot < 0 || rot > dim || rot % 2)
-    return -1;
+  if (!attention_shape_ok(path, rows, heads, kv_heads, dim) || start < 0 || capacity < start + rows || rot < 0 || rot > dim || rot % 2)
+    return -1;  // before anything is written to the cache
   std::vector<float> rotated(rows * heads * dim), key(dim);
   for (int64_t t = 0; t < rows; ++t) {
     const float *c = cos + t * rot, *s = sin + t * rot;
