@@ -22,8 +22,9 @@ target accepted and how long things took. `TreeLimits` stay hard caps for every 
   a draft pass (moving average) and a verification. A streamed target reads its layers
   while it computes, so a verification takes the longer of its reads (the median read time
   of recent passes: the streaming layer's own timings) and its compute (a linear function
-  of tree size, least squares over recent passes), plus the median of what neither
-  explains. Under a tight budget the reads dominate and a bigger tree costs only its
+  of tree size, least squares over recent passes; proportional to the tree's rows while
+  one size has been seen), plus the median of what neither explains. The next pass is
+  priced by the nodes it would add (a chain adds one), not a full batch. Under a tight budget the reads dominate and a bigger tree costs only its
   drafting, up to the size whose compute outlasts the reads (with the q4 pair at 1000 MB
   on code, about 15 nodes); a resident target's verification is its compute.
 """
@@ -130,7 +131,10 @@ class CostFallback(Fallback):
         """Predicted compute seconds of a verification of a tree of `nodes` nodes."""
         xs, ys = [v[0] for v in self.verifications], [v[2] for v in self.verifications]
         if len(set(xs)) < 2:
-            return statistics.fmean(ys)
+            # one size seen: take compute as proportional to rows, an upper bound on the
+            # slope (a pass has a fixed part), not a flat cost that would let the next tree
+            # grow to the caps for free
+            return statistics.fmean(ys) * nodes / statistics.fmean(xs)
         slope = max(0.0, statistics.linear_regression(xs, ys).slope)
         return statistics.fmean(ys) + slope * (nodes - statistics.fmean(xs))
 
@@ -163,9 +167,10 @@ class CostFallback(Fallback):
         # what the next pass could add: open slots, plus the just-drafted nodes' best children
         gains = [reach[node] * self.acceptance(math.exp(-neg - float(tree.logp[node]))) for neg, node, _ in candidates]
         gains += [reach[node] * self.acceptance(0.9) for node in batch if tree.depths[node] < self.limits.max_depth]
-        room = min(self.limits.batch, tree.capacity - tree.size)
-        gain = sum(sorted(gains, reverse=True)[:room])
-        cost = self.draft_s + self.verify_s(tree.size + room) - self.verify_s(tree.size)
+        # the next batch adds at most one node per gain counted here (a chain: one)
+        added = min(self.limits.batch, tree.capacity - tree.size, len(gains))
+        gain = sum(sorted(gains, reverse=True)[:added])
+        cost = self.draft_s + self.verify_s(tree.size + added) - self.verify_s(tree.size)
         return (expected + gain + 1) / (elapsed + cost) <= rate_now
 
     def observe(self, tree, path, verify_s, compute_s=None, read_s=0.0) -> None:

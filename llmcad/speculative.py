@@ -135,16 +135,22 @@ class SpeculativeDecoder:
         # the last prompt token is the first tree's root; what the caches hold of the rest is kept
         target_len, draft_len = self.target_cache.keep_prefix(committed), self.draft_cache.keep_prefix(committed)
         with ThreadPoolExecutor(1, thread_name_prefix="llmcad-draft") as background:
-            draft_prefill = None
-            if self.extend_passes and draft_len < len(committed) - 1:
-                rest = committed[draft_len:-1]
-                draft_prefill = background.submit(self.draft, torch.tensor(rest), torch.arange(draft_len, len(committed) - 1), self.draft_cache, draft_len, None, True)
+            # prefill both caches up to the root; with the pipeline the draft's runs beside the
+            # target's (the tree's own draft passes are what the fallback policy times)
+            draft_prefill, prefill_draft = None, draft_len < len(committed) - 1
+            if prefill_draft:
+                args = (torch.tensor(committed[draft_len:-1]), torch.arange(draft_len, len(committed) - 1), self.draft_cache, draft_len, None, True)
+                if self.extend_passes:
+                    draft_prefill = background.submit(self.draft, *args)
+                else:
+                    self.draft(*args)
             if target_len < len(committed) - 1:
                 rest = committed[target_len:-1]
                 self.target(torch.tensor(rest), torch.arange(target_len, len(committed) - 1), self.target_cache, target_len, last_only=True)
                 self.target_cache.tokens = committed[:-1]
             if draft_prefill is not None:
                 draft_prefill.result()
+            if prefill_draft:
                 draft_len = len(committed) - 1
                 self.draft_cache.tokens = committed[:-1]
             carried: tuple[TokenTree, dict[int, _Slots]] | None = None
@@ -185,13 +191,13 @@ class SpeculativeDecoder:
                 self.target_cache.tokens, self.draft_cache.tokens = committed[:-1], committed[:draft_len]
                 yield from new
 
-    def _run_draft(self, tokens: torch.Tensor, positions: torch.Tensor, start: int, mask: torch.Tensor | None, last_only: bool = True, timed: bool = True) -> torch.Tensor:
-        """One draft pass; `timed` ones (not those in the background) inform the fallback policy."""
+    def _run_draft(self, tokens: torch.Tensor, positions: torch.Tensor, start: int, mask: torch.Tensor | None, last_only: bool = True, background: bool = False) -> torch.Tensor:
+        """One draft pass; those in the foreground inform the fallback policy."""
         started = time.perf_counter()
         logits = self.draft(tokens, positions, self.draft_cache, start, mask, last_only=last_only)
         self.stats.draft_passes += 1
-        TIMELINE.add("draft" if timed else "draft, in the background", started)
-        if timed:
+        TIMELINE.add("draft, in the background" if background else "draft", started)
+        if not background:
             self.fallback.draft_pass(time.perf_counter() - started)
         return logits
 
@@ -230,7 +236,7 @@ class SpeculativeDecoder:
             batch = batch or self._add_batch(grown, slots, heap, self.extend_generator)
             if not batch:
                 break
-            self._run_batch(grown, slots, heap, prefix, batch, timed=False)
+            self._run_batch(grown, slots, heap, prefix, batch, background=True)
             batch = []
         return grown, slots
 
@@ -244,11 +250,11 @@ class SpeculativeDecoder:
             self._offer(heap, tree, slots, node, j + 1)
         return batch
 
-    def _run_batch(self, tree: TokenTree, slots: dict[int, _Slots], heap: list, prefix: int, batch: list[int], timed: bool = True) -> None:
+    def _run_batch(self, tree: TokenTree, slots: dict[int, _Slots], heap: list, prefix: int, batch: list[int], background: bool = False) -> None:
         """One draft pass over `batch` (consecutive nodes), opening their child slots."""
         rows = slice(batch[0], batch[-1] + 1)
         mask = tree.attention_mask(prefix, rows)
-        logits = self._run_draft(tree.tokens[rows], prefix + tree.depths[rows], prefix + rows.start, mask, last_only=False, timed=timed)
+        logits = self._run_draft(tree.tokens[rows], prefix + tree.depths[rows], prefix + rows.start, mask, last_only=False, background=background)
         for row, node in enumerate(batch):
             slots[node] = self._slots(logits[row])
             self._offer(heap, tree, slots, node, 0)

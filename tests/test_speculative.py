@@ -129,18 +129,27 @@ def test_a_draft_with_a_truncated_vocabulary_stays_lossless(pair_folders, ar_tok
     assert accepted > 0 and any(t >= 120 for case in CASES for t in ar_tokens[case])
 
 
-def test_a_policy_object_of_the_callers_decides_and_sees_the_streaming_layers_timings(pair, ar_tokens):
+def test_a_policy_object_of_the_callers_decides_and_sees_the_streaming_layers_timings(pair, ar_tokens, monkeypatch):
     """`fallback` may be a policy object: the engine uses it with its own limits, and the
     decoder hands it every verification with the target's own timings, which the cost
-    policy prices (this pair is resident: everything is compute, nothing is read)."""
-    seen = []
+    policy prices (this pair is resident: everything is compute, nothing is read), and the
+    time of every draft pass that grows a tree (not the prompt's prefill)."""
+    seen, events = [], []  # events: rows of each draft pass, "timed" when the policy hears of one
 
     class Spy(Fallback):
+        def draft_pass(self, seconds):
+            events.append("timed")
+
         def observe(self, tree, path, verify_s, compute_s=None, read_s=0.0):
             seen.append((tree.size - 1, verify_s, compute_s, read_s))
 
+    draft_forward = pair.draft.model.forward
+    monkeypatch.setattr(pair.draft.model, "forward", lambda tokens, *a, **k: events.append(len(tokens)) or draft_forward(tokens, *a, **k))
     case = CASES[5]
-    result = pair.generate(prompt_for(*case), max_tokens=24, ignore_eos=True, mode="llmcad", fallback=Spy(TreeLimits(max_nodes=5, batch=2)))
+    result = pair.generate(prompt_for(*case), max_tokens=24, ignore_eos=True, mode="llmcad", fallback=Spy(TreeLimits(max_nodes=5, batch=2)), cache_prompt=False)
+    assert events[0] == case[1] - 1 and events[1] != "timed"  # the prompt up to the root: untimed
+    tree_passes = events[1:]  # each followed by its timing
+    assert len(tree_passes) % 2 == 0 and tree_passes[1::2] == ["timed"] * (len(tree_passes) // 2)
     assert result.tokens == ar_tokens[case]
     assert len(seen) == result.stats.extra["verifications"] > 1
     assert all(nodes <= 5 for nodes, *_ in seen)  # the policy's own limits, not the engine's
@@ -349,14 +358,36 @@ def test_cost_fallback_stops_when_drafting_costs_more_than_it_brings():
     tree = _tree([0.9, 0.8, 0.7])
     candidates = [(-math.log(0.9 * 0.8 * 0.7 * 0.6), 3, 0)]
     slow_target = CostFallback(limits)
-    slow_target.observe(tree, [0, 1, 2, 3], verify_s=1.0)
+    for other in (_tree([0.9] * 7), tree):  # two sizes, the same time: a tree's size costs nothing
+        slow_target.observe(other, [0, 1, 2, 3], verify_s=1.0)
     slow_target.draft_pass(0.01)  # verification 100x a draft pass: keep drafting
     assert not slow_target.should_verify(tree, [3], candidates)
     slow_draft = CostFallback(limits)
-    slow_draft.observe(tree, [0, 1, 2, 3], verify_s=0.01)
+    for other in (_tree([0.9] * 7), tree):
+        slow_draft.observe(other, [0, 1, 2, 3], verify_s=0.01)
     slow_draft.draft_pass(1.0)  # a draft pass 100x a verification: verify now
     assert slow_draft.should_verify(tree, [3], candidates)
     assert slow_target.acceptance(0.75) > 0.7  # accepted nodes pull their bin up
+
+
+def test_cost_fallback_prices_rows_in_proportion_until_it_has_seen_two_tree_sizes():
+    policy = CostFallback(TreeLimits(max_nodes=32))
+    policy.observe(_tree([0.5] * 15), [0], verify_s=0.8)  # 16 rows
+    assert policy.verify_s(32) == pytest.approx(1.6)  # not 0.8: a tree twice the size is not free
+    policy.observe(_tree([0.5] * 3), [0], verify_s=0.5)  # 4 rows: now a line through both
+    assert policy.verify_s(32) == pytest.approx(0.8 + 0.3 / 12 * 16)
+
+
+def test_cost_fallback_prices_a_chain_by_the_nodes_it_adds_not_a_full_batch():
+    limits = TreeLimits(max_nodes=32, max_depth=12, batch=8)
+    tree = _tree([0.95, 0.95, 0.95])
+    policy = CostFallback(limits)
+    for nodes in (4, 12):  # 50 ms a pass and 10 ms a row
+        policy.observe(_tree([0.95] * (nodes - 1)), list(range(nodes)), verify_s=0.05 + 0.01 * nodes)
+    policy.draft_pass(0.01)
+    # the chain's next pass adds one node (worth ~0.8 accepted tokens for 20 ms); eight would
+    # cost 90 ms and stop it
+    assert not policy.should_verify(tree, [3], [])
 
 
 def test_cost_fallback_prices_a_streamed_verification_as_the_longer_of_its_reads_and_compute():
