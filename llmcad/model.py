@@ -26,7 +26,7 @@ from torch import nn
 
 from llmcad import kernels
 from llmcad.config import ModelConfig
-from llmcad.quant import SharedInput
+from llmcad.quant import QuantLinear, SharedInput
 
 ROW_CHUNK = 64  # tokens run through a layer at a time: bounds activation memory for long prompts
 
@@ -197,13 +197,37 @@ class Block(nn.Module):
         if self.sandwich:
             self.pre_feedforward_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
             self.post_feedforward_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        # what `kernels.Layer` computes: the Llama family's layer, its linears in GGUF blocks
+        self.native_family = kernels.available() and not (self.sandwich or c.family.qk_norm) and c.family.activation == "silu"
+        self.native: tuple[tuple, kernels.Layer] | None = None  # (the parts it was built over, the call)
 
     def forward(self, x, cos, sin, k_cache, v_cache, start: int, mask):
+        native = self._native_layer()
+        if native is not None:
+            return native(x, cos, sin, k_cache, v_cache, start, mask)
         if self.sandwich:
             x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), cos, sin, k_cache, v_cache, start, mask))
             return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, k_cache, v_cache, start, mask)
         return x + self.mlp(self.post_attention_layernorm(x))
+
+    def _native_layer(self) -> kernels.Layer | None:
+        """The layer as one native call (the same bits as the modules' calls), where its
+        family and its linears allow; built for the parts it last saw, again when they change."""
+        if not self.native_family:
+            return None
+        attn, mlp = self.self_attn, self.mlp
+        linears = (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj)
+        if not all(isinstance(linear, QuantLinear) for linear in linears):
+            return None
+        parts = (*linears, self.input_layernorm.weight, self.post_attention_layernorm.weight)
+        if self.native is None or any(a is not b for a, b in zip(parts, self.native[0])):
+            q, k, v, o, gate, up, down = ((linear.blocks, linear.qtype) for linear in linears)
+            layer = kernels.Layer(self.input_layernorm.weight, self.post_attention_layernorm.weight, self.input_layernorm.eps, [q, k, v],
+                                  [attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias], o, [gate, up], down, attn.num_heads,
+                                  attn.num_kv_heads, attn.head_dim, attn.scale, attn.softcap)
+            self.native = parts, layer
+        return self.native[1]
 
 
 class Transformer(nn.Module):

@@ -289,3 +289,91 @@ def test_attention_does_not_depend_on_where_the_attended_slots_lie(path):
     packed_k, packed_v = torch.zeros_like(k), torch.zeros_like(v)
     packed_k[..., : len(attended)], packed_v[:, : len(attended)] = k[..., attended], v[:, attended]
     assert torch.equal(kernels.attention(q, packed_k, packed_v, len(attended), None, dim**-0.5, path=path), scattered)
+
+
+def quant_block(seed: int = 0):
+    """A Qwen2-style layer (q, k and v with biases; grouped-query attention) whose linears are
+    packed GGUF blocks of several types (those the gguf package quantizes, so the weights are
+    of a real model's size), with random norm weights: 4 heads of 128 over 2 key/value heads,
+    hidden 512, MLP 768."""
+    from llmcad.config import ModelConfig
+    from llmcad.model import Block
+    from llmcad.quant import QuantLinear
+
+    config = ModelConfig("qwen2", 64, 512, 768, 1, 4, 2, 128, 1e-6, 10000.0, 256, False, True)
+    block = Block(config).eval()
+    types = {"q_proj": "q4_0", "k_proj": "q4_0", "v_proj": "q8_0", "o_proj": "q5_0", "gate_proj": "q4_0", "up_proj": "q5_0", "down_proj": "q8_0"}
+    g = torch.Generator().manual_seed(seed)
+    for i, (name, qtype) in enumerate(types.items()):
+        parent = block.self_attn if name[0] in "qkvo" else block.mlp
+        linear = getattr(parent, name)
+        packed = kernels.pack(random_blocks(qtype, linear.out_features, linear.in_features, seed=seed * 10 + i), qtype, linear.in_features)
+        bias = torch.randn(linear.out_features, generator=g) * 0.1 if linear.bias is not None else None
+        setattr(parent, name, QuantLinear(qtype, packed, bias))
+    for norm in (block.input_layernorm, block.post_attention_layernorm):
+        norm.weight.data = 1 + 0.1 * torch.randn(512, generator=g)
+    return block
+
+
+def rotary_tables(positions: torch.Tensor, dim: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+    angles = positions.float()[:, None] * 10000.0 ** (-torch.arange(0, dim, 2) / dim)
+    angles = torch.cat((angles, angles), dim=-1)[:, None, :]
+    return angles.cos(), angles.sin()
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_native_layer_is_the_modules_calls_one_by_one(path, monkeypatch):
+    """The whole-layer call the model makes where its family allows writes the cache entries
+    the modules' calls write (the same bits) and gives their output, but for silu's exp (the C
+    library's, within an ulp of PyTorch's; an ulp may move an activation's int8 rounding)."""
+    monkeypatch.setenv(kernels.PATH_ENV, path)
+    block = quant_block()
+    assert block.native_family and block._native_layer() is not None
+    g = torch.Generator().manual_seed(1)
+    rows, start = 6, 20
+    x = torch.randn(rows, 512, generator=g)
+    cos, sin = rotary_tables(torch.arange(start, start + rows))
+    mask = torch.ones(rows, start + rows, dtype=torch.bool).tril(start)
+    caches = {}
+    for native in (True, False):
+        block.native_family = native
+        k, v = torch.randn(2, 128, 32, generator=torch.Generator().manual_seed(2)), torch.randn(2, 32, 128, generator=torch.Generator().manual_seed(3))
+        caches[native] = block(x, cos, sin, k, v, start, mask), k, v
+    (native_out, native_k, native_v), (modules_out, modules_k, modules_v) = caches[True], caches[False]
+    assert torch.equal(native_k, modules_k) and torch.equal(native_v, modules_v)
+    torch.testing.assert_close(native_out, modules_out, rtol=0, atol=2e-3 * float(modules_out.abs().max()))
+    assert not torch.equal(native_out, x)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_native_layer_rows_are_bit_identical_to_one_token_decoding(path):
+    """What verification rests on, for the whole layer: a pass of 9 rows (a causal prefix,
+    then tree-like rows that skip a sibling) gives each row the bits of that row run on its
+    own over the same cache entries, with 1 or 2 threads; a refused pass leaves the cache alone."""
+    block = quant_block(seed=1)
+    layer = block._native_layer()
+    g = torch.Generator().manual_seed(4)
+    rows, start = 9, 11
+    x = torch.randn(rows, 512, generator=g)
+    cos, sin = rotary_tables(torch.arange(start, start + rows))
+    mask = torch.ones(rows, start + rows, dtype=torch.bool).tril(start)
+    mask[6:, start + 5] = False  # rows 6.. do not see row 5 (a sibling in a tree)
+    base_k, base_v = torch.randn(2, 128, 40, generator=g), torch.randn(2, 40, 128, generator=g)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        k, v = base_k.clone(), base_v.clone()
+        full = layer(x, cos, sin, k, v, start, mask, path=path)
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            for r in range(rows):
+                k_r, v_r = k.clone(), v.clone()  # every row's entry in place, as after the pass
+                one = layer(x[r : r + 1], cos[r : r + 1], sin[r : r + 1], k_r, v_r, start + r, mask[r : r + 1, : start + r + 1], path=path)
+                assert torch.equal(one, full[r : r + 1]), (n, r)
+                assert torch.equal(k_r, k) and torch.equal(v_r, v)
+    finally:
+        torch.set_num_threads(threads)
+    before_k, before_v = k.clone(), v.clone()
+    with pytest.raises(ValueError, match="cannot take"):
+        layer(x, cos, sin, k, v, 35, None, path=path)  # 9 rows from slot 35 of 40
+    assert torch.equal(k, before_k) and torch.equal(v, before_v)

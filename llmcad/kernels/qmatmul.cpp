@@ -750,7 +750,7 @@ LLMCAD_API int llmcad_paths() {
 
 // This interface's version: raised whenever a function below changes its arguments, so that a
 // library built from older sources is refused at load rather than called wrongly.
-LLMCAD_API int llmcad_abi() { return 4; }
+LLMCAD_API int llmcad_abi() { return 5; }
 
 // Columns a packed tile holds: a packed matrix splits into whole tiles only at multiples of it.
 LLMCAD_API int llmcad_tile_columns() { return TILE; }
@@ -895,6 +895,75 @@ LLMCAD_API int llmcad_rms_norm(const float* x, int64_t rows, int64_t dim, int64_
     const float inv = 1.f / std::sqrt((float)(sum / dim) + eps);
     for (i = 0; i < dim; ++i) out[r * dim + i] = xr[i] * inv * w[i];
   }
+  return 0;
+}
+
+// One pre-norm decoder layer of the Llama family (Llama, Qwen2, Mistral: no q/k norms, no norms
+// after the sublayers, a SwiGLU MLP), its matrices packed by llmcad_pack:
+//   a = x + o(attention(rotary(q, k), v))   with q, k, v = qkv(rms_norm(x, attn_norm)) + their biases
+//   out = a + down(silu(gate) * up)         with gate, up = gate_up(rms_norm(a, mlp_norm))
+// each step the function named, so the bits of the model's calls one by one (llmcad_rms_norm,
+// llmcad_matmul, llmcad_rotary_attention), but silu(g) = g / (1 + exp(-g)), with the C library's
+// exp (PyTorch's may differ by an ulp); silu(g) * u rounded after the silu and the product.
+struct LlmcadLayer {
+  const float* attn_norm;  // [hidden]
+  const float* mlp_norm;   // [hidden]
+  float eps;
+  int qkv_types[3];
+  const uint8_t* qkv[3];     // q [heads * dim, hidden], k and v [kv_heads * dim, hidden]
+  const float* qkv_bias[3];  // q's, k's and v's biases, or null
+  int o_type;
+  const uint8_t* o;          // [hidden, heads * dim]
+  int gate_up_types[2];
+  const uint8_t* gate_up[2];  // gate and up [inter, hidden]
+  int down_type;
+  const uint8_t* down;  // [hidden, inter]
+  int64_t hidden, inter, heads, kv_heads, dim;
+  float scale, softcap;  // attention's (softcap 0: none)
+};
+
+// out[rows, hidden] = the layer above applied to x[rows, hidden] (out must not overlap x), its
+// keys and values stored at cache slots start .. start + rows; cos, sin, the cache and mask as
+// for llmcad_rotary_attention. Returns 0, or -1 for a bad argument (the cache then unchanged).
+LLMCAD_API int llmcad_layer(int path, const LlmcadLayer* l, const float* x, int64_t rows, const float* cos, const float* sin, int64_t rot,
+                            float* k_cache, float* v_cache, int64_t capacity, int64_t start, const uint8_t* mask, float* out,
+                            int threads) {
+  const int64_t q_cols = l->heads * l->dim, kv_cols = l->kv_heads * l->dim, qkv_cols = q_cols + 2 * kv_cols;
+  if (!attention_shape_ok(path, rows, l->heads, l->kv_heads, l->dim) || l->hidden <= 0 || l->inter <= 0) return -1;
+  thread_local std::vector<float> h, qkv, attended, gate_up, act, sub;
+  h.resize(rows * l->hidden);
+  qkv.resize(rows * qkv_cols);
+  attended.resize(rows * q_cols);
+  gate_up.resize(rows * 2 * l->inter);
+  act.resize(rows * l->inter);
+  sub.resize(rows * l->hidden);
+  const int64_t qkv_ns[3] = {q_cols, kv_cols, kv_cols}, gate_up_ns[2] = {l->inter, l->inter};
+  if (llmcad_rms_norm(x, rows, l->hidden, l->hidden, l->attn_norm, l->eps, h.data()) ||
+      llmcad_matmul(path, 3, l->qkv_types, l->qkv, qkv_ns, l->hidden, h.data(), rows, qkv.data(), threads))
+    return -1;
+  int64_t first = 0;
+  for (int i = 0; i < 3; first += qkv_ns[i++])
+    if (l->qkv_bias[i])
+      for (int64_t r = 0; r < rows; ++r)
+        for (int64_t c = 0; c < qkv_ns[i]; ++c) qkv[r * qkv_cols + first + c] += l->qkv_bias[i][c];
+  if (llmcad_rotary_attention(path, qkv.data(), qkv_cols, qkv.data() + q_cols, qkv_cols, qkv.data() + q_cols + kv_cols, qkv_cols, rows,
+                              l->heads, l->kv_heads, l->dim, cos, sin, rot, k_cache, v_cache, capacity, start, mask, l->scale,
+                              l->softcap, attended.data(), threads) ||
+      llmcad_matmul(path, 1, &l->o_type, &l->o, &l->hidden, q_cols, attended.data(), rows, sub.data(), threads))
+    return -1;
+  for (int64_t i = 0; i < rows * l->hidden; ++i) out[i] = x[i] + sub[i];
+  if (llmcad_rms_norm(out, rows, l->hidden, l->hidden, l->mlp_norm, l->eps, h.data()) ||
+      llmcad_matmul(path, 2, l->gate_up_types, l->gate_up, gate_up_ns, l->hidden, h.data(), rows, gate_up.data(), threads))
+    return -1;
+  for (int64_t r = 0; r < rows; ++r) {
+    const float *g = gate_up.data() + r * 2 * l->inter, *u = g + l->inter;
+    for (int64_t i = 0; i < l->inter; ++i) {
+      const float silu = g[i] / (1.f + std::exp(-g[i]));
+      act[r * l->inter + i] = silu * u[i];
+    }
+  }
+  if (llmcad_matmul(path, 1, &l->down_type, &l->down, &l->hidden, l->inter, act.data(), rows, sub.data(), threads)) return -1;
+  for (int64_t i = 0; i < rows * l->hidden; ++i) out[i] += sub[i];
   return 0;
 }
 
