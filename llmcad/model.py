@@ -212,16 +212,16 @@ class Block(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
     def _native_layer(self) -> kernels.Layer | None:
-        """The layer as one native call (the same bits as the modules' calls), where its
-        family and its linears allow; built for the parts it last saw, again when they change."""
-        if not self.native_family:
-            return None
+        """The layer as one native call (the modules' bits but silu's: `kernels.Layer`), where
+        its family and its linears allow; built for the parts it last saw, again when they
+        change (a linear replaced, a norm weight's storage)."""
         attn, mlp = self.self_attn, self.mlp
         linears = (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj)
-        if not all(isinstance(linear, QuantLinear) for linear in linears):
+        if not (self.native_family and all(isinstance(linear, QuantLinear) for linear in linears)):
+            self.native = None
             return None
-        parts = (*linears, self.input_layernorm.weight, self.post_attention_layernorm.weight)
-        if self.native is None or any(a is not b for a, b in zip(parts, self.native[0])):
+        parts = (*linears, self.input_layernorm.weight.data_ptr(), self.post_attention_layernorm.weight.data_ptr())
+        if self.native is None or parts != self.native[0]:  # modules compare by identity
             q, k, v, o, gate, up, down = ((linear.blocks, linear.qtype) for linear in linears)
             layer = kernels.Layer(self.input_layernorm.weight, self.post_attention_layernorm.weight, self.input_layernorm.eps, [q, k, v],
                                   [attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias], o, [gate, up], down, attn.num_heads,

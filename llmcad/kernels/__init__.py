@@ -13,7 +13,7 @@ computes each query row and head on its own in float32 in one fixed order, with 
 guarantee; `rotary_attention` rotates a pass's queries and keys (the bits of `model.rotate`),
 stores its keys and values and attends, in one call; `rms_norm` normalizes each row on its own.
 The model calls these two where PyTorch would spend ~25 ops a layer (~0.2 ms on this project's
-2-core test machine).
+2-core test machine); `Layer` chains them with the products into a whole Llama-family layer.
 
 Dispatch paths: `avx512` (AVX-512 F/BW/VL/VNNI), `avxvnni` (AVX2 with AVX-VNNI), `avx2`
 (AVX2, FMA, F16C) and `portable` (plain C++); the best one this CPU runs is used unless

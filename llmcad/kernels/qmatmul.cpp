@@ -898,8 +898,8 @@ LLMCAD_API int llmcad_rms_norm(const float* x, int64_t rows, int64_t dim, int64_
   return 0;
 }
 
-// One pre-norm decoder layer of the Llama family (Llama, Qwen2, Mistral: no q/k norms, no norms
-// after the sublayers, a SwiGLU MLP), its matrices packed by llmcad_pack:
+// One pre-norm decoder layer of the Llama family (Llama, Qwen2, Mistral, Phi-3: no q/k norms, no
+// norms after the sublayers, a SwiGLU MLP), its matrices packed by llmcad_pack:
 //   a = x + o(attention(rotary(q, k), v))   with q, k, v = qkv(rms_norm(x, attn_norm)) + their biases
 //   out = a + down(silu(gate) * up)         with gate, up = gate_up(rms_norm(a, mlp_norm))
 // each step the function named, so the bits of the model's calls one by one (llmcad_rms_norm,
@@ -930,6 +930,9 @@ LLMCAD_API int llmcad_layer(int path, const LlmcadLayer* l, const float* x, int6
                             int threads) {
   const int64_t q_cols = l->heads * l->dim, kv_cols = l->kv_heads * l->dim, qkv_cols = q_cols + 2 * kv_cols;
   if (!attention_shape_ok(path, rows, l->heads, l->kv_heads, l->dim) || l->hidden <= 0 || l->inter <= 0) return -1;
+  for (int qtype : {l->qkv_types[0], l->qkv_types[1], l->qkv_types[2], l->gate_up_types[0], l->gate_up_types[1]})
+    if (!llmcad_packed_bytes(qtype, l->hidden)) return -1;  // every product's arguments, before the cache is touched
+  if (!llmcad_packed_bytes(l->o_type, q_cols) || !llmcad_packed_bytes(l->down_type, l->inter)) return -1;
   thread_local std::vector<float> h, qkv, attended, gate_up, act, sub;
   h.resize(rows * l->hidden);
   qkv.resize(rows * qkv_cols);
