@@ -24,9 +24,10 @@ target accepted and how long things took. `TreeLimits` stay hard caps for every 
   of recent passes: the streaming layer's own timings) and its compute (a linear function
   of tree size, least squares over recent passes; proportional to the tree's rows while
   one size has been seen), plus the median of what neither explains. The next pass is
-  priced by the nodes it would add (a chain adds one), not a full batch. Under a tight budget the reads dominate and a bigger tree costs only its
-  drafting, up to the size whose compute outlasts the reads (with the q4 pair at 1000 MB
-  on code, about 15 nodes); a resident target's verification is its compute.
+  priced by the nodes it would add (a chain adds one), not a full batch. Under a tight
+  budget the reads dominate and a bigger tree costs only its drafting, up to the size whose
+  compute outlasts the reads (with the q4 pair at 1000 MB on code, about 15 nodes); a
+  resident target's verification is its compute.
 """
 
 from __future__ import annotations

@@ -402,5 +402,5 @@ class Layer:
         if self._lib.llmcad_layer(PATHS.index(path or active_path()), ctypes.byref(self._args), x.data_ptr(), rows, cos.data_ptr(), sin.data_ptr(),
                                   cos.shape[-1], k_cache.data_ptr(), v_cache.data_ptr(), v_cache.shape[1], start,
                                   None if mask is None else mask.data_ptr(), out.data_ptr(), torch.get_num_threads()):
-            raise ValueError(f"llmcad_layer refused {self.heads} heads over {tuple(v_cache.shape)} key/value heads")
+            raise ValueError(f"llmcad_layer refused a pass of {rows} rows ({self.heads} heads over {v_cache.shape[0]} key/value heads)")
         return out
