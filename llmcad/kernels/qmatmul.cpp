@@ -63,7 +63,7 @@ enum Path { PORTABLE = 0, AVX2 = 1, AVXVNNI = 2, AVX512 = 3 };
 
 constexpr int TILE = 16;        // columns interleaved in a tile
 constexpr int SUPER = 256;      // activation scale group
-constexpr int PREFETCH = 16384; // bytes of weights requested ahead of the tile being decoded
+constexpr int PREFETCH = 4096;  // bytes of weights requested ahead of the tile being decoded
 
 // A tile's fields, in order; each is `count` elements of `size` bytes per column, stored
 // element-major: element i of column c of a tile `width` columns wide is at
