@@ -15,7 +15,7 @@ pass per token, its rate does not change with length.
     python bench/e2e.py --modes ar,tree,llmcad,llmcad/llmcad,llmcad/fixed,llmcad/pipeline
     python bench/e2e.py --budgets 1000MB --modes ar@q4,llmcad@q4,llama.cpp
     python bench/e2e.py --budgets 800MB,1000MB,1300MB,1600MB,2000MB,none \
-        --modes llama.cpp,llama.cpp+draft,ar,llmcad --out bench/results/sweep.json   # the budget sweep
+        --modes llama.cpp,llama.cpp+draft,ar,default --out bench/results/sweep.json   # the budget sweep
 
 A mode may carry a variant after "/": a fallback policy (llmcad, cost, fixed; else the
 engine's default) or pipeline (drafting on during verification); and a precision after "@"
@@ -23,7 +23,10 @@ for both models (the engine's defaults when absent: the target in gguf, the draf
 speedups are over `ar` in the target's precision). `llama.cpp` is llama.cpp's plain decoding of the target's GGUF, `llama.cpp+draft`
 its own speculative decoding with the same draft GGUF (llama-server -md, found as
 bench/llamacpp.py says), in the same cgroup, its server started by a standard-library-only
-wrapper. Budget `none` runs without a cgroup or a memory budget (everything resident).
+wrapper. Budget `none` runs without a cgroup or a memory budget (everything resident). `default` is
+the engine with its own choices, as `llmcad generate --target TARGET` makes them: the
+target's paired draft (none for a target that is not an alias with one), left out where the
+budget holds the target alone whole but the pair only by streaming; the mode that follows.
 
 Writes bench/results/e2e.json and e2e.png (--out); with more than two budgets the figure
 adds tokens/s against the budget, one line per mode and kind.
@@ -50,7 +53,7 @@ from llmcad.store import ensure_store  # noqa: E402
 from llmcad.weights import open_checkpoint  # noqa: E402
 from tests.cgroup import cgroup_unavailable  # noqa: E402
 
-MODES = ("llama.cpp", "llama.cpp+draft", "ar", "sd", "tree", "llmcad", "llmcad/llmcad", "llmcad/pipeline")
+MODES = ("llama.cpp", "llama.cpp+draft", "ar", "sd", "tree", "llmcad", "llmcad/llmcad", "llmcad/pipeline", "default")
 PEER = "llama.cpp"
 PEERS = (PEER, "llama.cpp+draft")  # llama.cpp alone, and with the draft
 
@@ -72,14 +75,14 @@ def one_run(args: argparse.Namespace) -> None:
 
     mode, variant, precision = parse_mode(args.mode)
     fallback = variant if variant in FALLBACKS else DEFAULT_FALLBACK
-    draft = None if mode == "ar" else args.draft  # the baseline is the target alone, with the whole budget
+    draft = None if mode == "ar" else AUTO if mode == "default" else args.draft  # ar: the target alone, with the whole budget
     with Engine.load(args.target, draft=draft, memory_budget=parse_budget(args.budget), fallback=fallback, precision=precision,
                      draft_precision=precision if "@" in args.mode else AUTO, max_context=args.max_context, progress=False) as engine:
         ids = engine.chat_prompt([{"role": "user", "content": args.prompt}])
         steps, tokens, final = [], [], None
         pipeline = variant == "pipeline"
         TIMELINE.start()
-        for piece in engine.stream(ids, max_tokens=args.tokens, ignore_eos=True, mode=mode, pipeline=pipeline):
+        for piece in engine.stream(ids, max_tokens=args.tokens, ignore_eos=True, mode=None if mode == "default" else mode, pipeline=pipeline):
             tokens += piece.token_ids
             if piece.step is not None:
                 steps.append(piece.step)
@@ -88,7 +91,7 @@ def one_run(args: argparse.Namespace) -> None:
         spans = TIMELINE.stop()
         print(json.dumps({"stats": final.to_dict(), "steps": steps, "tokens": tokens, "timeline": one_verification(spans),
                           "plan": {"resident_layers": len(plan.resident_layers), "bytes_per_pass": plan.bytes_per_pass,
-                                   "max_context": engine.max_context}}))
+                                   "max_context": engine.max_context, "mode": engine.mode, "draft_note": engine.draft_note}}))
 
 
 def one_verification(spans: list[tuple[str, float, float]]) -> list[tuple[str, float, float]]:
@@ -102,7 +105,7 @@ def one_verification(spans: list[tuple[str, float, float]]) -> list[tuple[str, f
     return [(lane, round(max(a, start) - start, 4), round(min(b, end) - start, 4)) for lane, a, b in spans if b > start and a < end]
 
 
-def run(target: Path, draft: Path, store: Path, mode: str, budget: int | None, prompt: str, tokens: int, context: int | None) -> dict:
+def run(target: str | Path, draft: Path, store: Path, mode: str, budget: int | None, prompt: str, tokens: int, context: int | None) -> dict:
     evict(store.iterdir())
     cmd = [sys.executable, __file__, "--one", "--mode", mode, "--budget", str(budget or "none"), "--tokens", str(tokens),
            "--target", str(target), "--draft", str(draft), "--prompt", prompt] + (["--max-context", str(context)] if context else [])
@@ -127,6 +130,8 @@ def run(target: Path, draft: Path, store: Path, mode: str, budget: int | None, p
         "tokens": out["tokens"],
         "resident_layers": out["plan"]["resident_layers"],
         "max_context": out["plan"]["max_context"],
+        "engine_mode": out["plan"]["mode"],
+        "draft_note": out["plan"]["draft_note"],
     }
 
 
@@ -181,7 +186,7 @@ def main() -> None:
                 if mode in PEERS:
                     row = run_peer(target, ids, budget, n, context, draft if mode != PEER else None)
                 else:
-                    row = run(target, draft, store.path, mode, budget, prompt["prompt"], n, context)
+                    row = run(args.target if name == "default" else target, draft, store.path, mode, budget, prompt["prompt"], n, context)
                 row.update(budget_mb=budget / MB if budget else results["machine"]["memory_mb"], unconstrained=budget is None, kind=prompt["kind"], prompt_id=prompt["id"], mode=mode, precision=precision, raw_read_gbps=raw)
                 if "error" not in row:
                     per_token_read_s = row["bytes_per_verification"] / (raw * 1e9) / row["tokens_per_verification"]
@@ -246,12 +251,12 @@ def plot(results: dict, modes: list[str], path: Path) -> None:
     a.set(title="decode tokens/s (median)", ylabel="tokens/s")
     a.legend()
     for r in results["runs"]:
-        if parse_mode(r.get("mode", ""))[:2] in (("tree", ""), ("llmcad", "")) and r.get("accepted_over_time"):  # the default variants
+        if parse_mode(r.get("mode", ""))[:2] in (("tree", ""), ("llmcad", ""), ("default", "")) and r.get("accepted_over_time"):  # the default variants
             b.plot(r["accepted_over_time"], label=f"{r['mode']} {budget_label(r['budget_mb'], results)} {r['kind']}", alpha=0.8)
     b.set(title="accepted tokens per verification", xlabel="verification")
     b.legend(fontsize=7)
     # the pipeline's run shows drafting overlapping verification; else the default llmcad
-    llmcad_runs = [r for r in results["runs"] if parse_mode(r.get("mode", ""))[0] == "llmcad" and r.get("timeline")]
+    llmcad_runs = [r for r in results["runs"] if parse_mode(r.get("mode", ""))[0] in ("llmcad", "default") and r.get("timeline")]
     shown = next((r for r in llmcad_runs if parse_mode(r["mode"])[1] == "pipeline"), None) or next((r for r in llmcad_runs if not parse_mode(r["mode"])[1]), None)
     if shown:
         lanes = ["read", "target waits for a read", "target pass", "draft", "draft, in the background"]

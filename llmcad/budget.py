@@ -201,6 +201,11 @@ def plan_memory(
                             head_resident=True, embed_resident=True, buffer_bytes=0)
     if budget is None or everything.total <= budget:
         return everything
+    # the embedding's rows read from the file as tokens need them, before any layer is streamed
+    # (a token's row is a few KB; a streamed layer is read at every pass)
+    whole = MemoryPlan(**common, embed_bytes=0, resident_layers=tuple(range(n)), head_resident=True, embed_resident=False, buffer_bytes=0)
+    if separate_embed and whole.total <= budget:
+        return whole
     streaming = MemoryPlan(**common, embed_bytes=0, resident_layers=(), head_resident=False,
                            embed_resident=False, buffer_bytes=layer_bytes)
     if streaming.total > budget:

@@ -135,8 +135,9 @@ class Engine:
         "cost", says verify). The default is "llmcad" with a draft, else "ar".
 
         Defaults ("auto"): the draft paired with a target alias (`hub.PAIRS`; None: no
-        draft), left out where the budget holds the target but not the pair and `mode` asks
-        for no speculation (`draft_note` says why); precision gguf where the native kernels
+        draft), left out where `mode` asks for no speculation and the budget holds the
+        target but not the pair, or holds the target whole but the pair only by streaming it
+        (`draft_note` says why); precision gguf where the native kernels
         built, else int8, or q4 when the budget cannot hold int8 (the draft's:
         `draft_precision_for`); the memory budget the
         memory available to this process (`budget.auto_budget`: MemAvailable or its memory
@@ -173,7 +174,8 @@ class Engine:
         pair_minimum = None
         for i, (d, p) in enumerate(attempts):
             try:
-                engine = cls._load(target, draft=d, precision=p, draft_precision=draft_precision_for(p) if draft_precision == AUTO else draft_precision, **options)
+                engine = cls._load(target, draft=d, precision=p, draft_precision=draft_precision_for(p) if draft_precision == AUTO else draft_precision,
+                                   draft_optional=d is not None and draft == AUTO and mode is None, **options)
             except BudgetTooSmall as e:
                 if i == len(attempts) - 1:
                     raise
@@ -185,7 +187,8 @@ class Engine:
             return engine
 
     @classmethod
-    def _load(cls, target, *, draft, mode, precision, draft_precision, max_context, memory_budget, keep_page_cache, fallback, draft_vocab, progress) -> Engine:
+    def _load(cls, target, *, draft, mode, precision, draft_precision, max_context, memory_budget, keep_page_cache, fallback, draft_vocab, progress,
+              draft_optional: bool = False) -> Engine:
         native = {precision, draft_precision if draft is not None else None} & set(BLOCKS_OF)
         if native and not kernels.available():
             raise LlmcadError(f"precision {' and '.join(sorted(native))} needs the native kernels: {kernels.unavailable_reason()}")
@@ -224,7 +227,8 @@ class Engine:
             contexts = sorted({min(c, limit) for c in CONTEXTS_UNDER_BUDGET}, reverse=True)
         models = [store] + ([draft_state.model] if draft_state else [])
 
-        def plan_for(context: int, slots: int) -> MemoryPlan:
+        def plan_for(context: int, slots: int, pair: bool = True) -> MemoryPlan:
+            paired = pair and draft_state is not None
             return plan_memory(
                 config,
                 budget,
@@ -232,19 +236,19 @@ class Engine:
                 head_bytes=store.head_layout.nbytes,
                 embed_bytes=store.embed_layout.nbytes,
                 runtime=runtime,
-                draft=draft_bytes,
+                draft=draft_bytes if paired else 0,
                 # the draft's cache also holds what it grows while the target verifies
-                kv_cache=sum(KVCache.bytes_for(c.config, context + slots * (1 + i)) for i, c in enumerate(models)),
+                kv_cache=sum(KVCache.bytes_for(c.config, context + slots * (1 + i)) for i, c in enumerate(models[: 1 + paired])),
                 activations=sum(
                     # logits: a tree's rows (the target alone: one), a draft pass's rows
-                    activation_bytes(c.config, context + slots, ROW_CHUNK, rows) for c, rows in zip(models, (slots if draft_state else 1, DRAFT_ROWS))
+                    activation_bytes(c.config, context + slots, ROW_CHUNK, rows) for c, rows in zip(models[: 1 + paired], (slots if paired else 1, DRAFT_ROWS))
                 )
-                + (slots * config.vocab_size * 2 if draft_state else 0),  # a sampled tree's draft distributions (fp16)
+                + (slots * config.vocab_size * 2 if paired else 0),  # a sampled tree's draft distributions (fp16)
             )
 
-        def whole_with_big_trees(context: int) -> MemoryPlan | None:
+        def whole_with_big_trees(context: int, pair: bool = True) -> MemoryPlan | None:
             try:
-                plan = plan_for(context, TREE_SLOTS)
+                plan = plan_for(context, TREE_SLOTS, pair)
             except BudgetTooSmall:
                 return None
             return plan if plan.bytes_per_pass == 0 else None
@@ -261,10 +265,24 @@ class Engine:
                     smallest = store.precision in small and (draft is None or draft_precision in small)
                     hint = "" if smallest else ", or store the models in 4-bit blocks (--precision gguf --draft-precision q4_0)"
                     raise BudgetTooSmall(f"{e}{hint}" + (f" ({budget_note})" if budget_note.startswith("auto") else ""), e.minimum) from None
+        note = None
+        if draft_optional and plan.bytes_per_pass and (alone := whole_with_big_trees(context, pair=False)):
+            # The pair would stream what the target alone holds: each verification would read
+            # plan.bytes_per_pass (~270 MB, the draft's size, at the budgets where this happens:
+            # ~0.3 s at this project's disk speeds), which pays only past ~8 tokens a
+            # verification against the resident target's ~40 ms a token (measured at 1600 MB:
+            # the pair 21 tokens/s on code and 11 on chat, the target alone 26 resident).
+            note = f"draft {draft_state.name} left out: the target alone fits in memory, the pair would read {plan.bytes_per_pass / MB:.0f} MB a pass"
+            draft_state = draft_model = None
+            models = models[:1]
+            release_free_memory()
+            plan, slots = alone, TREE_SLOTS
         if draft_state is not None:
             draft_state.cache = KVCache(draft_state.model.config, context + 2 * slots)
         model = StreamedTransformer(store, plan, drop_page_cache=not keep_page_cache)
-        return cls(model, store, context, draft_state, mode, slots, fallback, budget_note)
+        engine = cls(model, store, context, draft_state, mode, slots, fallback, budget_note)
+        engine.draft_note = note
+        return engine
 
     def close(self) -> None:
         """Stop the background reader (the engine cannot generate afterwards)."""

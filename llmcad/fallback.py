@@ -21,9 +21,12 @@ target accepted and how long things took. `TreeLimits` stay hard caps for every 
   online calibration of draft probability against observed acceptance; times are measured:
   a draft pass (moving average) and a verification. A streamed target reads its layers
   while it computes, so a verification takes the longer of its reads (the median read time
-  of recent passes: the streaming layer's own timings) and its compute (a linear function
-  of tree size, least squares over recent passes; proportional to the tree's rows while
-  one size has been seen), plus the median of what neither explains. The next pass is
+  of recent passes: the streaming layer's own timings) and its compute, plus the median of
+  what neither explains. Compute is priced as a roofline: a size seen by the median of its
+  recent passes; another size at least as dear as the dearest smaller size seen (a pass of
+  few rows streams the weights from memory, and more rows up to a point cost little more)
+  and at least its rows at the cheapest cost per row seen (past that point the rows'
+  arithmetic decides). The next pass is
   priced by the nodes it would add (a chain adds one), not a full batch. Under a tight
   budget the reads dominate and a bigger tree costs only its drafting, up to the size whose
   compute outlasts the reads (with the q4 pair at 1000 MB on code, about 15 nodes); a
@@ -129,16 +132,22 @@ class CostFallback(Fallback):
         return (self.accepted[b] + self.PRIOR * q) / (self.offered[b] + self.PRIOR)
 
     def compute_s(self, nodes: int) -> float:
-        """Predicted compute seconds of a verification of a tree of `nodes` nodes."""
-        xs, ys = [v[0] for v in self.verifications], [v[2] for v in self.verifications]
-        if len(set(xs)) < 2:
-            # one size seen: compute in proportion to rows. That overstates the slope (a pass
-            # has a fixed part), which is the point: a flat cost let the next tree grow to the
-            # caps for free, and so does "a smaller tree costs as much" up to the size seen
-            # (measured: chat's second and third trees 19 and 30 nodes, against 2-3)
-            return statistics.fmean(ys) * nodes / statistics.fmean(xs)
-        slope = max(0.0, statistics.linear_regression(xs, ys).slope)
-        return statistics.fmean(ys) + slope * (nodes - statistics.fmean(xs))
+        """Predicted compute seconds of a verification of a tree of `nodes` nodes (rows): a
+        roofline through the sizes seen (see the module's docstring)."""
+        seen: dict[int, list[float]] = {}
+        for size, _, compute, _ in self.verifications:
+            seen.setdefault(size, []).append(compute)
+        cost = {size: statistics.median(times) for size, times in seen.items()}
+        if nodes in cost:
+            return cost[nodes]
+        # Below the smallest size seen this is proportional to rows. That understates a small
+        # pass (its memory-bound part), which is the point: "a smaller tree costs as much" let
+        # the trees after the first grow to its size for free (chat: 19 and 30 nodes against
+        # 2-3), and a line through the sizes seen priced 3-4 rows as dear as rows of a big
+        # tree (2026-12-03, AVX2: the second and third rows cost ~2 ms, rows past four ~15).
+        per_row = min(c / n for n, c in cost.items())
+        below = max((c for n, c in cost.items() if n < nodes), default=0.0)
+        return max(below, per_row * nodes)
 
     def verify_s(self, nodes: int) -> float:
         """Predicted seconds of a verification of a tree of `nodes` nodes."""

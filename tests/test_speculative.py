@@ -370,12 +370,16 @@ def test_cost_fallback_stops_when_drafting_costs_more_than_it_brings():
     assert slow_target.acceptance(0.75) > 0.7  # accepted nodes pull their bin up
 
 
-def test_cost_fallback_prices_rows_in_proportion_until_it_has_seen_two_tree_sizes():
+def test_cost_fallback_prices_compute_as_a_roofline_through_the_sizes_seen():
     policy = CostFallback(TreeLimits(max_nodes=32))
     policy.observe(_tree([0.5] * 15), [0], verify_s=0.8)  # 16 rows
-    assert policy.verify_s(32) == pytest.approx(1.6)  # not 0.8: a tree twice the size is not free
-    policy.observe(_tree([0.5] * 3), [0], verify_s=0.5)  # 4 rows: now a line through both
-    assert policy.verify_s(32) == pytest.approx(0.8 + 0.3 / 12 * 16)
+    assert policy.verify_s(32) == pytest.approx(1.6)  # one size seen: in proportion to rows (twice the size is not free)
+    assert policy.verify_s(4) == pytest.approx(0.2)
+    policy.observe(_tree([0.5]), [0], verify_s=0.3)  # 2 rows: bound by memory, dearer a row than 16
+    assert policy.verify_s(2) == pytest.approx(0.3)  # a size seen: its own
+    assert policy.verify_s(4) == pytest.approx(0.3)  # no cheaper than a smaller pass seen
+    assert policy.verify_s(8) == pytest.approx(0.4)  # nor than its rows at the cheapest rate seen, 0.05 s
+    assert policy.verify_s(32) == pytest.approx(1.6)
 
 
 def test_cost_fallback_prices_a_chain_by_the_nodes_it_adds_not_a_full_batch():
@@ -397,11 +401,11 @@ def test_cost_fallback_prices_a_streamed_verification_as_the_longer_of_its_reads
         policy.observe(_tree([0.5] * (nodes - 1)), [0], verify_s=max(1.2, compute) + 0.05, compute_s=compute, read_s=1.2)
     assert policy.verify_s(4) == pytest.approx(1.25)  # the reads hide the compute: a bigger tree costs nothing more
     assert policy.verify_s(15) == pytest.approx(1.25)
-    assert policy.verify_s(40) == pytest.approx(0.1 + 0.06 * 40 + 0.05)  # compute outlasts the reads
+    assert policy.verify_s(40) == pytest.approx(1.0 / 15 * 40 + 0.05)  # compute outlasts the reads (40 rows at 15's rate)
     resident = CostFallback(TreeLimits(max_nodes=32))
     for nodes in (3, 15):
         resident.observe(_tree([0.5] * (nodes - 1)), [0], verify_s=0.1 + 0.06 * nodes)
-    assert resident.verify_s(40) == pytest.approx(0.1 + 0.06 * 40)  # no reads: the compute alone
+    assert resident.verify_s(40) == pytest.approx(1.0 / 15 * 40)  # no reads: the compute alone
 
 
 def test_unknown_fallback_is_a_clear_error(pair):

@@ -305,19 +305,31 @@ def test_auto_budget_is_the_cgroup_limit_less_headroom():
 
 
 def test_plan_keeps_what_fits_and_refuses_too_little(tiny_llama):
-    config = open_checkpoint(tiny_llama).config  # 3 layers, tied head
+    config = replace(open_checkpoint(tiny_llama).config, num_layers=6)  # a separate head
     sizes = dict(layer_bytes=100 * MB, head_bytes=50 * MB, embed_bytes=50 * MB, runtime=200 * MB, draft=0, kv_cache=0, activations=0)
     everything = plan_memory(config, None, **sizes)
-    assert everything.resident_layers == (0, 1, 2) and everything.buffer_bytes == 0 and everything.bytes_per_pass == 0
+    assert everything.resident_layers == tuple(range(6)) and everything.buffer_bytes == 0 and everything.bytes_per_pass == 0
     assert plan_memory(config, everything.total, **sizes) == replace(everything, budget=everything.total)
     minimum = 200 * MB + HEADROOM + 2 * 100 * MB  # runtime, headroom, two buffers
     plan = plan_memory(config, minimum, **sizes)
-    assert plan.resident_layers == () and not plan.head_resident and plan.bytes_per_pass == 350 * MB
+    assert plan.resident_layers == () and not plan.head_resident and plan.bytes_per_pass == 650 * MB
     assert plan.total <= minimum
     plan = plan_memory(config, minimum + 160 * MB, **sizes)  # the head, then one layer
-    assert plan.head_resident and plan.resident_layers == (1,) and plan.bytes_per_pass == 200 * MB
+    assert plan.head_resident and plan.resident_layers == (3,) and plan.bytes_per_pass == 500 * MB
     with pytest.raises(LlmcadError, match=f"below the minimum of {minimum // MB} MB"):
         plan_memory(config, minimum - MB, **sizes)
+
+
+def test_plan_reads_a_separate_embedding_on_demand_before_it_streams_a_layer(tiny_llama):
+    config = replace(open_checkpoint(tiny_llama).config, tie_word_embeddings=False)
+    sizes = dict(layer_bytes=100 * MB, head_bytes=50 * MB, embed_bytes=50 * MB, runtime=200 * MB, draft=0, kv_cache=0, activations=0)
+    everything = plan_memory(config, None, **sizes)
+    assert everything.embed_resident and everything.resident_target == 400 * MB
+    plan = plan_memory(config, everything.total - MB, **sizes)  # no room for the embedding
+    assert plan.resident_layers == (0, 1, 2) and plan.head_resident and not plan.embed_resident
+    assert plan.bytes_per_pass == 0 and plan.buffer_bytes == 0 and plan.total == everything.total - 50 * MB
+    plan = plan_memory(config, everything.total - 51 * MB, **sizes)  # nor for every layer: stream
+    assert plan.bytes_per_pass > 0 and not plan.embed_resident
 
 
 @pytest.fixture
@@ -349,7 +361,8 @@ def test_engine_refuses_a_budget_below_its_minimum(tiny_llama):
 def test_a_paired_draft_the_budget_cannot_hold_is_left_out(tiny_llama, tmp_path, fixed_runtime, monkeypatch):
     """Where the target fits the budget alone but not beside its paired draft, the default
     loads the target alone and says why; a draft asked for by name, or a speculative mode,
-    is refused with the pair's minimum instead."""
+    is refused with the pair's minimum instead. Where the pair fits only by streaming a
+    target that fits alone whole, the default leaves the draft out too."""
     draft = make_tiny_hf(tmp_path / "draft", "llama", seed=1, intermediate_size=4096)  # 9 MB in fp32
     monkeypatch.setattr("llmcad.engine.paired_draft", lambda target: str(draft))
     alone, pair = smallest_budget(tiny_llama, draft=None, precision="fp32"), smallest_budget(tiny_llama, draft=str(draft), precision="fp32")
@@ -363,7 +376,15 @@ def test_a_paired_draft_the_budget_cannot_hold_is_left_out(tiny_llama, tmp_path,
             Engine.load(tiny_llama, memory_budget=alone, precision="fp32", progress=False, **options)
         assert refused.value.minimum == pair
     with Engine.load(tiny_llama, memory_budget=pair, precision="fp32", progress=False) as engine:
-        assert engine.draft is not None and engine.draft_note is None
+        # the pair would stream its target where the target alone fits whole: the target alone
+        assert engine.draft is None and engine.mode == "ar" and engine.plan.bytes_per_pass == 0
+        assert f"draft {draft.name} left out: the target alone fits in memory, the pair would read" in engine.draft_note
+    with Engine.load(tiny_llama, draft=str(draft), memory_budget=pair, precision="fp32", progress=False) as engine:
+        assert engine.draft is not None and engine.plan.bytes_per_pass > 0  # asked for by name: streamed
+    with Engine.load(tiny_llama, memory_budget=None, precision="fp32", progress=False) as unplanned:
+        whole = unplanned.plan.total
+    with Engine.load(tiny_llama, memory_budget=whole, precision="fp32", progress=False) as engine:
+        assert engine.draft is not None and engine.draft_note is None and engine.plan.bytes_per_pass == 0
 
 
 def test_without_the_kernels_auto_precision_is_int8_unless_only_q4_fits(tiny_llama, fixed_runtime, monkeypatch):
