@@ -4,9 +4,10 @@ The default pair, fully resident (gguf, 2 threads): after a code prompt, one for
 a token tree of R nodes (R = 1, 2, 4, 8, 16, 32, 64; a chain of three under the root, the
 rest the root's children) through the target and through the draft, as the decoder runs
 them. Per model and R: ms per pass (median of the rounds, R interleaved round-robin), the
-ratio to one row, and the ms of it spent in the native matmuls (`kernels.Product` calls, timed
-in a separate round so the timing does not slow the measured passes); the rest is
-attention, PyTorch's small operations and Python. The weights (1 GB target, 0.4 GB draft) do
+ratio to one row, and the ms of it spent in native calls (a whole Llama-family layer,
+`kernels.Layer`: its products, attention, norms and rotary; and `kernels.Product`: the head,
+and the products of layers computed module by module), timed in a separate round so the
+timing does not slow the measured passes; the rest is PyTorch's small operations and Python. The weights (1 GB target, 0.4 GB draft) do
 not fit this machine's cache: unlike bench/kernels.py, one row is partly bound by memory.
 
     python bench/passes.py                  # writes bench/results/passes.json and .png
@@ -65,32 +66,37 @@ def main() -> None:
         for r in ROWS:
             for name in models:
                 times[name, r].append(run(name, r))
-    matmul_s = {}
-    plain = kernels.Product.__call__
+    native_s, seconds = {}, [0.0]
+    plain = {cls: cls.__call__ for cls in (kernels.Product, kernels.Layer)}
 
-    def timed(*a, **kw):
-        began = time.perf_counter()
-        y = plain(*a, **kw)
-        timed.seconds += time.perf_counter() - began
-        return y
+    def timed(call):
+        def wrapper(*a, **kw):
+            began = time.perf_counter()
+            try:
+                return call(*a, **kw)
+            finally:
+                seconds[0] += time.perf_counter() - began
+        return wrapper
 
-    kernels.Product.__call__ = timed
+    for cls, call in plain.items():
+        cls.__call__ = timed(call)
     try:
         for name in models:
             for r in ROWS:
-                timed.seconds = 0.0
+                seconds[0] = 0.0
                 run(name, r)
-                matmul_s[name, r] = timed.seconds
+                native_s[name, r] = seconds[0]
     finally:
-        kernels.Product.__call__ = plain
+        for cls, call in plain.items():
+            cls.__call__ = call
     results = {}
     for name in models:
         ms = {r: 1e3 * statistics.median(times[name, r][1:]) for r in ROWS}
-        results[name] = {"ms": ms, "x_one_row": {r: ms[r] / ms[1] for r in ROWS}, "matmul_ms": {r: 1e3 * matmul_s[name, r] for r in ROWS}}
+        results[name] = {"ms": ms, "x_one_row": {r: ms[r] / ms[1] for r in ROWS}, "native_ms": {r: 1e3 * native_s[name, r] for r in ROWS}}
     write_json(args.out, {"machine": machine_info(), "rows": ROWS, "rounds": args.rounds, "prompt_tokens": start,
                           "precision": engine.precision, "passes": results})
-    print(md_table(["model", *[f"{r} rows ms" for r in ROWS], "16/1", "64/1", "matmuls at 1 row ms"],
-                   [[n, *[v["ms"][r] for r in ROWS], v["x_one_row"][16], v["x_one_row"][64], v["matmul_ms"][1]] for n, v in results.items()]))
+    print(md_table(["model", *[f"{r} rows ms" for r in ROWS], "16/1", "64/1", "native calls at 1 row ms"],
+                   [[n, *[v["ms"][r] for r in ROWS], v["x_one_row"][16], v["x_one_row"][64], v["native_ms"][1]] for n, v in results.items()]))
     plot(results, args.out)
 
 
@@ -103,7 +109,7 @@ def plot(results: dict, out: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for i, (name, rec) in enumerate(results.items()):
         ax.plot(ROWS, [rec["ms"][r] for r in ROWS], marker="o", color=f"C{i}", label=f"{name}: whole pass")
-        ax.plot(ROWS, [rec["matmul_ms"][r] for r in ROWS], linestyle="--", color=f"C{i}", label=f"{name}: in the matmuls")
+        ax.plot(ROWS, [rec["native_ms"][r] for r in ROWS], linestyle="--", color=f"C{i}", label=f"{name}: in native calls")
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xlabel("rows (token tree nodes in the pass)")
