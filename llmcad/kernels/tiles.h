@@ -1,6 +1,7 @@
 // The matmul kernels over 16 lanes, one per column of a tile: included by qmatmul.cpp once
 // per instruction set, inside a namespace compiled for it, with the names it defines
-// (Activations, Job, FORMATS, ...) in scope. Not a standalone header.
+// (Activations, Job, FORMATS, ...) in scope, and SEVERAL_ROWS, the attributes of the several-row
+// kernels (empty, or scheduling options). Not a standalone header.
 //
 // A `Lanes` struct supplies its register types, one lane per column: Bytes (4 bytes a lane),
 // Ints (int32), Floats, Part (a run's partial dot products); LANES, the columns one register
@@ -101,23 +102,36 @@ struct Rows {
 };
 
 // part[r] = V::dot over code registers w(first) .. w(first + count - 1) (codes <= MAXCODE,
-// count <= V::run(MAXCODE)) and row r's activations at i, i + 4, ...: the rows innermost, so
-// R independent chains overlap, and each register decoded once, where it is used.
-// The loops over code registers here and in the callers are unrolled by pragma, so the
-// decoders' shifts and offsets are constants: GCC 12 left Q5_0's runs rolled on AVX2 (shift
-// counts and addresses computed per register), which halved its one-row speed.
-template <class V, int R, class Decode>
+// count <= min(8, V::run(MAXCODE))) and row r's activations at i, i + 4, ...; each register
+// decoded once. ROWS_OUTER: the run's registers decoded first, then each row's chain over
+// them; else the rows innermost, each register used by every row where it is decoded. Which
+// order GCC compiles better differs by format (AVX2, Zen 3, with pressure-aware scheduling,
+// 4 rows: Q4_K 0.70 ms rows innermost against 0.78 rows outer, Q4_0 2.3x slower rows
+// innermost, Q5_0 and Q6_K 10-25% slower). The loops over code registers here and in the
+// callers are unrolled by pragma, so the decoders' shifts and offsets are constants: GCC 12
+// left Q5_0's runs rolled on AVX2 (shift counts and addresses computed per register), which
+// halved its one-row speed.
+template <class V, int R, bool ROWS_OUTER, class Decode>
 ALWAYS_INLINE void dots(typename V::Part* part, Decode w, int first, int count, const Rows<R>& x, int64_t i) {
+  if constexpr (ROWS_OUTER) {
+    typename V::Bytes we[8];
 #pragma GCC unroll 8
-  for (int e = first; e < first + count; ++e) {
-    const typename V::Bytes we = w(e);
-    for (int r = 0; r < R; ++r) part[r] = V::dot(part[r], we, x.codes(r, i + 4 * e));
+    for (int e = 0; e < count; ++e) we[e] = w(first + e);
+    for (int r = 0; r < R; ++r)
+#pragma GCC unroll 8
+      for (int e = 0; e < count; ++e) part[r] = V::dot(part[r], we[e], x.codes(r, i + 4 * (first + e)));
+  } else {
+#pragma GCC unroll 8
+    for (int e = first; e < first + count; ++e) {
+      const typename V::Bytes we = w(e);
+      for (int r = 0; r < R; ++r) part[r] = V::dot(part[r], we, x.codes(r, i + 4 * e));
+    }
   }
 }
 
 // sums[r] += scale * (the dot products of code registers w(0) .. w(count - 1), codes <=
 // MAXCODE, with row r's activations from i on), in runs as V's int16 sums allow.
-template <class V, int R, int MAXCODE, class Decode>
+template <class V, int R, bool ROWS_OUTER, int MAXCODE, class Decode>
 ALWAYS_INLINE void scaled_dots(typename V::Ints* sums, typename V::Scale scale, Decode w, int count, const Rows<R>& x, int64_t i) {
   constexpr int RUN = V::run(MAXCODE);
   static_assert(RUN > 0);
@@ -125,7 +139,7 @@ ALWAYS_INLINE void scaled_dots(typename V::Ints* sums, typename V::Scale scale, 
   for (int e0 = 0; e0 < count; e0 += RUN) {
     typename V::Part part[R];
     for (int r = 0; r < R; ++r) part[r] = V::begin(V::set(0));
-    dots<V, R>(part, w, e0, std::min(RUN, count - e0), x, i);
+    dots<V, R, ROWS_OUTER>(part, w, e0, std::min(RUN, count - e0), x, i);
     for (int r = 0; r < R; ++r) sums[r] = V::end_scaled(sums[r], part[r], scale);
   }
 }
@@ -166,7 +180,7 @@ ALWAYS_INLINE void walk_blocks(const uint8_t* tiles, int64_t blocks, float* out,
 // Q4_K: per sub-block of 32 weights, scale * (codes . x); the mins through the activations'
 // sums of 32.
 template <class V, int R>
-void q4_k_rows(const uint8_t* tiles, int64_t blocks, const Activations& a, int64_t r0, float* out) {
+ALWAYS_INLINE void q4_k_rows(const uint8_t* tiles, int64_t blocks, const Activations& a, int64_t r0, float* out) {
   const Rows<R> x(a, r0);
   walk_blocks<V, R, Q4_K>(tiles, blocks, out, [&](const uint8_t* t, int64_t blk, int c0, typename V::Floats* acc, auto ahead) __attribute__((always_inline)) {
     typename V::Ints sums[R];
@@ -174,7 +188,7 @@ void q4_k_rows(const uint8_t* tiles, int64_t blocks, const Activations& a, int64
     for (int s = 0; s < 8; ++s) {  // sub-blocks of 32 weights
       ahead(s);
       const auto codes = [&](int e) __attribute__((always_inline)) { return V::shr_and(V::load(at<Q4_K>(t, Q4_QS, 4 * s + e / 2, c0)), 4 * (e % 2), 0x0f); };
-      scaled_dots<V, R, 15>(sums, V::scale_u8(at<Q4_K>(t, SC, s, c0)), codes, 8, x, SUPER * blk + 32 * s);
+      scaled_dots<V, R, false, 15>(sums, V::scale_u8(at<Q4_K>(t, SC, s, c0)), codes, 8, x, SUPER * blk + 32 * s);
     }
     const typename V::Floats d = V::halves(at<Q4_K>(t, D, 0, c0)), dmin = V::halves(at<Q4_K>(t, DMIN, 0, c0));
     typename V::Ints mins[4];
@@ -197,33 +211,37 @@ ALWAYS_INLINE typename V::Bytes q6_high(typename V::Bytes h, int t) {
 // Q6_K: per sub-block of 16 weights, scale * (codes . x), codes being q + 32; the 32 * scale
 // offsets through the activations' sums of 16.
 template <class V, int R>
-void q6_k_rows(const uint8_t* tiles, int64_t blocks, const Activations& a, int64_t r0, float* out) {
+ALWAYS_INLINE void q6_k_rows(const uint8_t* tiles, int64_t blocks, const Activations& a, int64_t r0, float* out) {
   const Rows<R> x(a, r0);
   walk_blocks<V, R, Q6_K>(tiles, blocks, out, [&](const uint8_t* t, int64_t blk, int c0, typename V::Floats* acc, auto ahead) __attribute__((always_inline)) {
-    typename V::Ints sums[R], offs[R];
-    for (int r = 0; r < R; ++r) sums[r] = offs[r] = V::set(0);
+    typename V::Ints sums[R];
+    for (int r = 0; r < R; ++r) sums[r] = V::set(0);
     for (int j = 0; j < 8; ++j) {  // pairs of sub-blocks of 16 weights
       ahead(j);
       const typename V::Ints scales = V::i8_pairs(at<Q6_K>(t, Q6_SC, j, c0));
-      for (int r = 0; r < R; ++r) offs[r] = V::pair_dot(offs[r], scales, x.s16[r] + 16 * blk + 2 * j);
       for (int h = 0; h < 2; ++h) {  // sub-block 2j + h: elements 2h, 2h + 1 of low nibbles
         const auto codes = [&](int e) __attribute__((always_inline)) {
           const typename V::Bytes low = V::load(at<Q6_K>(t, Q6_QS, 4 * j + 2 * h + e / 2, c0));
           const typename V::Bytes high = V::load(at<Q6_K>(t, Q6_QH, 2 * j + h, c0));
           return V::or_(V::shr_and(low, 4 * (e % 2), 0x0f), q6_high<V>(high, e));
         };
-        scaled_dots<V, R, 63>(sums, V::scale_half(scales, h), codes, 4, x, SUPER * blk + 32 * j + 16 * h);
+        scaled_dots<V, R, true, 63>(sums, V::scale_half(scales, h), codes, 4, x, SUPER * blk + 32 * j + 16 * h);
       }
     }
+    for (int r = 0; r < R; ++r) {  // the offsets after the codes: their registers would not fit beside them
+      typename V::Ints offs = V::set(0);
+      for (int j = 0; j < 8; ++j) offs = V::pair_dot(offs, V::i8_pairs(at<Q6_K>(t, Q6_SC, j, c0)), x.s16[r] + 16 * blk + 2 * j);
+      sums[r] = V::sub(sums[r], V::shl(offs, 5));
+    }
     const typename V::Floats d = V::halves(at<Q6_K>(t, D, 0, c0));
-    for (int r = 0; r < R; ++r) acc[r] = V::fmadd(V::fmul(d, V::cvt(V::sub(sums[r], V::shl(offs[r], 5)))), V::fset(x.d[r][blk]), acc[r]);
+    for (int r = 0; r < R; ++r) acc[r] = V::fmadd(V::fmul(d, V::cvt(sums[r])), V::fset(x.d[r][blk]), acc[r]);
   });
 }
 
 // Q8_0, Q5_0 and Q4_0: blocks of 32 weights, each with its own scale; the activations' scale
 // applies once per 8 blocks.
 template <class V, int R, int QTYPE>
-void q32_rows(const uint8_t* tiles, int64_t blocks, const Activations& a, int64_t r0, float* out) {
+ALWAYS_INLINE void q32_rows(const uint8_t* tiles, int64_t blocks, const Activations& a, int64_t r0, float* out) {
   constexpr int BYTES = TILE * packed_bytes(QTYPE), OFFSET = QTYPE == Q8_0 ? 128 : QTYPE == Q5_0 ? 16 : 8, PARTS = TILE / V::LANES;
   const Rows<R> x(a, r0);
   typename V::Floats acc[PARTS][R], group[PARTS][R];
@@ -261,7 +279,7 @@ void q32_rows(const uint8_t* tiles, int64_t blocks, const Activations& a, int64_
           for (int e0 = 0; e0 < 8; e0 += RUN) {
             typename V::Part part[R];
             for (int r = 0; r < R; ++r) part[r] = V::begin(dot[r]);
-            dots<V, R>(part, codes, e0, std::min(RUN, 8 - e0), x, 32 * blk);
+            dots<V, R, true>(part, codes, e0, std::min(RUN, 8 - e0), x, 32 * blk);
             for (int r = 0; r < R; ++r) dot[r] = V::end(dot[r], part[r]);
           }
         }
@@ -277,11 +295,8 @@ void q32_rows(const uint8_t* tiles, int64_t blocks, const Activations& a, int64_
 }
 
 // R rows (1 <= R <= V::ROWS) of one column group: out[R][TILE].
-template <class V, int R = V::ROWS>
-void group_rows(int qtype, int rows, const uint8_t* tiles, int64_t blocks, const Activations& a, int64_t r0, float* out) {
-  if constexpr (R > 1) {
-    if (rows < R) return group_rows<V, R - 1>(qtype, rows, tiles, blocks, a, r0, out);
-  }
+template <class V, int R>
+ALWAYS_INLINE void kernel_rows(int qtype, const uint8_t* tiles, int64_t blocks, const Activations& a, int64_t r0, float* out) {
   switch (qtype) {
     case Q4_K: return q4_k_rows<V, R>(tiles, blocks, a, r0, out);
     case Q6_K: return q6_k_rows<V, R>(tiles, blocks, a, r0, out);
@@ -289,6 +304,22 @@ void group_rows(int qtype, int rows, const uint8_t* tiles, int64_t blocks, const
     case Q5_0: return q32_rows<V, R, Q5_0>(tiles, blocks, a, r0, out);
     default: return q32_rows<V, R, Q4_0>(tiles, blocks, a, r0, out);
   }
+}
+
+// One row streams the weights from memory: compiled with the default options, whose schedule
+// keeps the tile's requests spread (qmatmul.cpp's SEVERAL_ROWS costs Q4_K 25% from memory).
+template <class V>
+void one_row(int qtype, const uint8_t* tiles, int64_t blocks, const Activations& a, int64_t r0, float* out) {
+  kernel_rows<V, 1>(qtype, tiles, blocks, a, r0, out);
+}
+
+// 2 <= rows <= V::ROWS: compute-bound, compiled with the includer's SEVERAL_ROWS options.
+template <class V, int R = V::ROWS>
+SEVERAL_ROWS void several_rows(int qtype, int rows, const uint8_t* tiles, int64_t blocks, const Activations& a, int64_t r0, float* out) {
+  if constexpr (R > 2) {
+    if (rows < R) return several_rows<V, R - 1>(qtype, rows, tiles, blocks, a, r0, out);
+  }
+  kernel_rows<V, R>(qtype, tiles, blocks, a, r0, out);
 }
 
 template <class V>
@@ -314,7 +345,10 @@ void columns(const Job& job, int64_t g0, int64_t g1) {
     }
     for (int64_t r0 = 0; r0 < a.m; r0 += V::ROWS) {
       const int rows = (int)std::min<int64_t>(V::ROWS, a.m - r0);
-      group_rows<V>(qtype, rows, tiles, blocks, a, r0, out);
+      if (rows == 1)
+        one_row<V>(qtype, tiles, blocks, a, r0, out);
+      else
+        several_rows<V>(qtype, rows, tiles, blocks, a, r0, out);
       for (int r = 0; r < rows; ++r) std::memcpy(job.y + (r0 + r) * job.ldy + g * TILE, out + TILE * r, sizeof(float) * width);
     }
   }
