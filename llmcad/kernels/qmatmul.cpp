@@ -432,12 +432,13 @@ ALWAYS_INLINE void prefetch_lines(const uint8_t* p, int bytes) {
 
 // SEVERAL_ROWS, the options tiles.h compiles its several-row kernels with: on the 16-register
 // paths (AVX2, AVX-VNNI), scheduled for register pressure before register allocation (GCC
-// leaves that off on x86): without it GCC 12 computed a run's maddubs for all rows before
-// adding any and spilled half of them to the stack. AVX2, Zen 3, one core, an 8960x1536
-// matrix in cache, ms at 2 / 4 / 8 rows against before: Q4_K 0.44 / 0.72 / 1.43 (0.46 /
-// 0.88 / 1.69), Q6_K 0.57 / 0.94 / 1.90 (0.61 / 1.02 / 2.06), Q4_0 0.51 / 0.93 / 1.88 (0.44
-// / 1.41 / 2.82), Q5_0 0.61 / 1.09 / 2.20 (0.62 / 1.40 / 2.82), Q8_0 0.90 / 1.48 / 2.92 (1.39
-// / 1.51 / 2.96). One row keeps the default (tiles.h's one_row).
+// leaves that off on x86): without it GCC 12 computed a run's maddubs for all 4 rows before
+// adding any and spilled half of them to the stack. AVX2, Zen 3, 2 threads, whole resident
+// passes, the libraries swapped call by call: the draft (Q4_0 and Q4_K) at 4 / 8 / 16 rows
+// 32 / 61 / 117 ms -> 26 / 48 / 89, the target (Q4_K and Q6_K) within 3%; one 8960x1536
+// Q4_0 matrix in cache, one core, 4 / 8 rows 1.34 / 2.69 ms -> 0.94 / 1.93. One row keeps
+// the default schedule (tiles.h's one_row): with this one, Q4_K's row from memory was 25%
+// slower.
 #define SEVERAL_ROWS_FOR_PRESSURE __attribute__((optimize("schedule-insns", "sched-pressure")))
 
 #pragma GCC push_options

@@ -105,9 +105,9 @@ struct Rows {
 // count <= min(8, V::run(MAXCODE))) and row r's activations at i, i + 4, ...; each register
 // decoded once. ROWS_OUTER: the run's registers decoded first, then each row's chain over
 // them; else the rows innermost, each register used by every row where it is decoded. Which
-// order GCC compiles better differs by format (AVX2, Zen 3, with pressure-aware scheduling,
-// 4 rows: Q4_K 0.70 ms rows innermost against 0.78 rows outer, Q4_0 2.3x slower rows
-// innermost, Q5_0 and Q6_K 10-25% slower). The loops over code registers here and in the
+// order GCC compiles better differs by format (AVX2, Zen 3, SEVERAL_ROWS scheduling, 4 rows,
+// ms rows innermost against rows outer: Q4_K 0.72 / 0.81, Q4_0 0.99 / 0.92, Q5_0 1.20 /
+// 1.10; Q6_K the same within noise). The loops over code registers here and in the
 // callers are unrolled by pragma, so the decoders' shifts and offsets are constants: GCC 12
 // left Q5_0's runs rolled on AVX2 (shift counts and addresses computed per register), which
 // halved its one-row speed.
