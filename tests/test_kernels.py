@@ -324,8 +324,8 @@ def rotary_tables(positions: torch.Tensor, dim: int = 128) -> tuple[torch.Tensor
 @pytest.mark.parametrize("path", PATHS)
 def test_native_layer_is_the_modules_calls_one_by_one(path, monkeypatch):
     """The whole-layer call the model makes where its family allows writes the cache entries
-    the modules' calls write (the same bits) and gives their output, but for silu's exp (the C
-    library's, within an ulp of PyTorch's; an ulp may move an activation's int8 rounding)."""
+    the modules' calls write (the same bits) and gives their output, but for silu's exp (a
+    polynomial, within two ulps of PyTorch's; an ulp may move an activation's int8 rounding)."""
     monkeypatch.setenv(kernels.PATH_ENV, path)
     block = quant_block()
     assert block.native_family and block._native_layer() is not None

@@ -358,7 +358,7 @@ class Layer:
     """A pre-norm decoder layer of the Llama family (no q/k norms, no norms after the
     sublayers, SwiGLU) as one native call: x + attention, then + MLP. Each step has the bits
     of the calls above one by one (`rms_norm`, `Product`, the biases added, `rotary_attention`),
-    but silu(gate), whose exp is the C library's: within an ulp of PyTorch's, and an ulp may
+    but silu(gate), whose exp is a vectorized polynomial: within two ulps of PyTorch's, and an ulp may
     move an activation's int8 rounding in the down product. Each row depends on its own input
     and the cache alone, as with the calls one by one. A layer costs ~25 calls from Python
     that way (~0.2 ms on a 2-core machine); this costs one. The tensors (packed matrices

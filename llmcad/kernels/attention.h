@@ -1,5 +1,6 @@
-// Attention over a KV cache: included by qmatmul.cpp once per instruction set, inside the
-// namespace compiled for it (like tiles.h; not a standalone header).
+// Attention over a KV cache, and the SwiGLU gate that shares its exp: included by qmatmul.cpp
+// once per instruction set, inside the namespace compiled for it (like tiles.h; not a
+// standalone header).
 //
 // The cache keeps keys transposed (a layer's keys: [kv_heads, dim, capacity]), values as
 // rows ([kv_heads, capacity, dim]). Each (row, head) is computed on its own, in float32, in
@@ -118,5 +119,18 @@ inline void attend_items(const AttentionJob& job, int64_t i0, int64_t i1) {
     const int64_t row = item / job.heads, head = item % job.heads, kv = head / group;
     attend_row(job, job.q + item * job.dim, job.k + kv * head_floats, job.v + kv * head_floats,
                job.mask ? job.mask + row * job.slots : nullptr, scratch, job.out + item * job.dim);
+  }
+}
+
+// act[i] = silu(gate[i]) * up[i] for i < n, silu(g) = g / (1 + e^-g) computed as g * e^g /
+// (1 + e^g) below zero, so the exponent is never positive: one vectorized loop of correctly
+// rounded operations, the same bits on every instruction set. The C library's expf, a call
+// per value, had cost 0.29 ms of each 8-row layer's 8960-wide gate (Zen 3); whole resident
+// passes of the target at 8 / 16 rows went from 134 / 264 to 127 / 237 ms with this and
+// attention's exp vectorized (-fno-trapping-math, setup.py).
+inline void gate(const float* __restrict gate, const float* __restrict up, int64_t n, float* __restrict act) {
+  for (int64_t i = 0; i < n; ++i) {
+    const float g = gate[i], e = exp_nonpositive(std::max(-std::fabs(g), -87.f));
+    act[i] = std::max(g, g * e) / (1.f + e) * up[i];  // g at or above zero, g * e below
   }
 }

@@ -620,20 +620,21 @@ bool path_supported(int path) {
   return false;
 }
 
-// A path's functions: the activations' quantizer, the column kernels, attention.
+// A path's functions: the activations' quantizer, the column kernels, attention, the gate.
 struct Kernels {
   void (*quantize)(const float*, int64_t, int64_t, Activations&);
   void (*columns)(const Job&, int64_t, int64_t);
   void (*attend)(const AttentionJob&, int64_t, int64_t);
+  void (*gate)(const float*, const float*, int64_t, float*);
 };
 
 Kernels kernels_for(int path) {
 #ifdef LLMCAD_X86
-  if (path == AVX512) return {avx512::quantize_rows<avx512::Avx512Lanes>, avx512::columns_avx512, avx512::attend_items};
-  if (path == AVXVNNI) return {avxvnni::quantize_rows<avxvnni::AvxVnniLanes>, avxvnni::columns_avxvnni, avxvnni::attend_items};
-  if (path == AVX2) return {avx2::quantize_rows<avx2::Avx2Lanes>, avx2::columns_avx2, avx2::attend_items};
+  if (path == AVX512) return {avx512::quantize_rows<avx512::Avx512Lanes>, avx512::columns_avx512, avx512::attend_items, avx512::gate};
+  if (path == AVXVNNI) return {avxvnni::quantize_rows<avxvnni::AvxVnniLanes>, avxvnni::columns_avxvnni, avxvnni::attend_items, avxvnni::gate};
+  if (path == AVX2) return {avx2::quantize_rows<avx2::Avx2Lanes>, avx2::columns_avx2, avx2::attend_items, avx2::gate};
 #endif
-  return {portable::quantize_rows<PortableLanes>, portable::columns_portable, portable::attend_items};
+  return {portable::quantize_rows<PortableLanes>, portable::columns_portable, portable::attend_items, portable::gate};
 }
 
 // ---- threads ---------------------------------------------------------------------------------
@@ -922,8 +923,9 @@ LLMCAD_API int llmcad_rms_norm(const float* x, int64_t rows, int64_t dim, int64_
 //   a = x + o(attention(rotary(q, k), v))   with q, k, v = qkv(rms_norm(x, attn_norm)) + their biases
 //   out = a + down(silu(gate) * up)         with gate, up = gate_up(rms_norm(a, mlp_norm))
 // each step the function named, so the bits of the model's calls one by one (llmcad_rms_norm,
-// llmcad_matmul, llmcad_rotary_attention), but silu(g) = g / (1 + exp(-g)), with the C library's
-// exp (PyTorch's may differ by an ulp); silu(g) * u rounded after the silu and the product.
+// llmcad_matmul, llmcad_rotary_attention), but silu(g) = g / (1 + exp(-g)), its exp attention's
+// polynomial (attention.h's `gate`: within an ulp or two of PyTorch's); silu(g) * u rounded
+// after the silu and the product.
 struct LlmcadLayer {
   const float* attn_norm;  // [hidden]
   const float* mlp_norm;   // [hidden]
@@ -977,13 +979,9 @@ LLMCAD_API int llmcad_layer(int path, const LlmcadLayer* l, const float* x, int6
   if (llmcad_rms_norm(out, rows, l->hidden, l->hidden, l->mlp_norm, l->eps, h.data()) ||
       llmcad_matmul(path, 2, l->gate_up_types, l->gate_up, gate_up_ns, l->hidden, h.data(), rows, gate_up.data(), threads))
     return -1;
-  for (int64_t r = 0; r < rows; ++r) {
-    const float *g = gate_up.data() + r * 2 * l->inter, *u = g + l->inter;
-    for (int64_t i = 0; i < l->inter; ++i) {
-      const float silu = g[i] / (1.f + std::exp(-g[i]));
-      act[r * l->inter + i] = silu * u[i];
-    }
-  }
+  const Kernels kernels = kernels_for(path);
+  for (int64_t r = 0; r < rows; ++r)
+    kernels.gate(gate_up.data() + r * 2 * l->inter, gate_up.data() + (r * 2 + 1) * l->inter, l->inter, act.data() + r * l->inter);
   if (llmcad_matmul(path, 1, &l->down_type, &l->down, &l->hidden, l->inter, act.data(), rows, sub.data(), threads)) return -1;
   for (int64_t i = 0; i < rows * l->hidden; ++i) out[i] += sub[i];
   return 0;
