@@ -43,10 +43,12 @@ void quantize_rows(const float* x, int64_t m, int64_t k, Activations& a) {
   a.d.assign(m * a.groups, 0.f);
   a.s16.resize(m * (a.kpad / 16));
   a.s32.resize(m * (a.kpad / 32));
-  std::vector<int8_t>& q = a.row;
-  q.assign(a.kpad, 0);  // the padding past k stays zero
+  a.row.assign(a.kpad, 0);  // the padding past k stays zero
+  // int8 stores may alias anything: without restrict GCC reloads every pointer after each
+  // and leaves the loops scalar (2.3 ns a value, a tenth of a one-row pass on AVX2)
+  int8_t* __restrict q = a.row.data();
   for (int64_t r = 0; r < m; ++r) {
-    const float* xr = x + r * k;
+    const float* __restrict xr = x + r * k;
     for (int64_t g = 0; g < a.groups; ++g) {
       const int64_t lo = g * SUPER, hi = std::min<int64_t>(k, lo + SUPER);
       // the largest magnitude: |v|'s bits, compared as integers, order as |v| does
@@ -80,7 +82,7 @@ void quantize_rows(const float* x, int64_t m, int64_t k, Activations& a) {
     for (int64_t i = 0; i < a.kpad / 32; ++i) s32[i] = (int16_t)(s16[2 * i] + s16[2 * i + 1]);
     const int64_t r0 = r / V::ROWS * V::ROWS, rows = std::min<int64_t>(V::ROWS, m - r0);
     int8_t* group = a.q.data() + r0 * a.kpad + 4 * (r - r0);
-    for (int64_t i = 0; i < a.kpad; i += 4) std::memcpy(group + i * rows, q.data() + i, 4);
+    for (int64_t i = 0; i < a.kpad / 4; ++i) std::memcpy(group + 4 * i * rows, q + 4 * i, 4);
   }
 }
 
