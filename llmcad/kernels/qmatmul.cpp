@@ -412,9 +412,7 @@ struct PortableLanes {
 };
 
 namespace portable {
-#define SEVERAL_ROWS
 #include "tiles.h"
-#undef SEVERAL_ROWS
 #include "attention.h"
 void columns_portable(const Job& job, int64_t g0, int64_t g1) { columns<PortableLanes>(job, g0, g1); }
 }  // namespace portable
@@ -513,7 +511,6 @@ struct Avx2Lanes : Avx2Base {
 };
 #define SEVERAL_ROWS SEVERAL_ROWS_FOR_PRESSURE
 #include "tiles.h"
-#undef SEVERAL_ROWS
 #include "attention.h"
 void columns_avx2(const Job& job, int64_t g0, int64_t g1) { columns<Avx2Lanes>(job, g0, g1); }
 }  // namespace avx2
@@ -537,7 +534,6 @@ struct AvxVnniLanes : avx2::Avx2Base {
 };
 #define SEVERAL_ROWS SEVERAL_ROWS_FOR_PRESSURE
 #include "tiles.h"
-#undef SEVERAL_ROWS
 #include "attention.h"
 void columns_avxvnni(const Job& job, int64_t g0, int64_t g1) { columns<AvxVnniLanes>(job, g0, g1); }
 }  // namespace avxvnni
@@ -596,9 +592,7 @@ struct Avx512Lanes {
   static void store(float* p, Floats v) { _mm512_storeu_ps(p, v); }
   static void prefetch(const uint8_t* p, int bytes) { prefetch_lines(p, bytes); }
 };
-#define SEVERAL_ROWS
 #include "tiles.h"
-#undef SEVERAL_ROWS
 #include "attention.h"
 void columns_avx512(const Job& job, int64_t g0, int64_t g1) { columns<Avx512Lanes>(job, g0, g1); }
 }  // namespace avx512

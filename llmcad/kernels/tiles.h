@@ -1,7 +1,7 @@
 // The matmul kernels over 16 lanes, one per column of a tile: included by qmatmul.cpp once
 // per instruction set, inside a namespace compiled for it, with the names it defines
-// (Activations, Job, FORMATS, ...) in scope, and SEVERAL_ROWS, the attributes of the several-row
-// kernels (empty, or scheduling options). Not a standalone header.
+// (Activations, Job, FORMATS, ...) in scope, and optionally SEVERAL_ROWS, the attributes of the
+// several-row kernels (scheduling options; none if undefined). Not a standalone header.
 //
 // A `Lanes` struct supplies its register types, one lane per column: Bytes (4 bytes a lane),
 // Ints (int32), Floats, Part (a run's partial dot products); LANES, the columns one register
@@ -230,11 +230,13 @@ ALWAYS_INLINE void q6_k_rows(const uint8_t* tiles, int64_t blocks, const Activat
         scaled_dots<V, R, true, 63>(sums, V::scale_half(scales, h), codes, 4, x, SUPER * blk + 32 * j + 16 * h);
       }
     }
-    for (int r = 0; r < R; ++r) {  // the offsets after the codes: their registers would not fit beside them
-      typename V::Ints offs = V::set(0);
-      for (int j = 0; j < 8; ++j) offs = V::pair_dot(offs, V::i8_pairs(at<Q6_K>(t, Q6_SC, j, c0)), x.s16[r] + 16 * blk + 2 * j);
-      sums[r] = V::sub(sums[r], V::shl(offs, 5));
+    typename V::Ints offs[R];  // after the codes: their registers would not fit beside them
+    for (int r = 0; r < R; ++r) offs[r] = V::set(0);
+    for (int j = 0; j < 8; ++j) {
+      const typename V::Ints scales = V::i8_pairs(at<Q6_K>(t, Q6_SC, j, c0));
+      for (int r = 0; r < R; ++r) offs[r] = V::pair_dot(offs[r], scales, x.s16[r] + 16 * blk + 2 * j);
     }
+    for (int r = 0; r < R; ++r) sums[r] = V::sub(sums[r], V::shl(offs[r], 5));
     const typename V::Floats d = V::halves(at<Q6_K>(t, D, 0, c0));
     for (int r = 0; r < R; ++r) acc[r] = V::fmadd(V::fmul(d, V::cvt(sums[r])), V::fset(x.d[r][blk]), acc[r]);
   });
@@ -316,6 +318,9 @@ void one_row(int qtype, const uint8_t* tiles, int64_t blocks, const Activations&
 }
 
 // 2 <= rows <= V::ROWS: compute-bound, compiled with the includer's SEVERAL_ROWS options.
+#ifndef SEVERAL_ROWS
+#define SEVERAL_ROWS
+#endif
 template <class V, int R = V::ROWS>
 SEVERAL_ROWS void several_rows(int qtype, int rows, const uint8_t* tiles, int64_t blocks, const Activations& a, int64_t r0, float* out) {
   if constexpr (R > 2) {
@@ -323,6 +328,7 @@ SEVERAL_ROWS void several_rows(int qtype, int rows, const uint8_t* tiles, int64_
   }
   kernel_rows<V, R>(qtype, tiles, blocks, a, r0, out);
 }
+#undef SEVERAL_ROWS
 
 template <class V>
 void columns(const Job& job, int64_t g0, int64_t g1) {
